@@ -1,0 +1,132 @@
+"""The editor contract: every method in memoe applies a list of requests and returns a restorable result.
+
+- :class:`Editor` ``.apply(model, tok, requests) -> EditResult``: the one entry point the harness calls.
+- :class:`WeightEditor` is the base of editors that change base weights: subclasses only *compute* the
+  deltas (``compute_deltas``); applying, timing and bit-exact restoring are done here, once.
+- :class:`EditResult` keeps the original tensors it overwrote (or the modules it attached), so
+  ``restore()`` gives back the exact original model, bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from memoe.config import from_dict
+from memoe.data.records import EditRequest, RecordError
+
+
+@dataclass
+class EditorConfig:
+    """Base class of every editor's typed config (a dataclass loaded from YAML by :mod:`memoe.config`)."""
+
+
+@dataclass
+class EditResult:
+    """What one ``apply`` changed, how long it took, and how to undo it."""
+
+    editor: str
+    requests: list[EditRequest]
+    seconds: float = 0.0
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Parameter name -> the change added to it (weight editors)."""
+    modules: list[nn.Module] = field(default_factory=list)
+    """Modules attached beside the base model (bypass editors)."""
+    info: dict = field(default_factory=dict)
+    """Editor-specific diagnostics (losses, steps, condition numbers ...)."""
+    _originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _model: nn.Module | None = field(default=None, repr=False)
+    restored: bool = False
+
+    def restore(self) -> None:
+        """Give back the model exactly as it was before this edit (bit for bit). Idempotent."""
+        if self.restored:
+            return
+        if self._model is not None:
+            params = dict(self._model.named_parameters())
+            with torch.no_grad():
+                for name, original in self._originals.items():
+                    params[name].copy_(original)
+        for undo in reversed(self._undo):
+            undo()
+        self.restored = True
+
+
+def validate_requests(tok, requests: list[EditRequest]) -> None:
+    """Reject an empty list and requests an editor cannot locate, naming the request."""
+    from memoe.tokens import subject_span
+
+    if not requests:
+        raise ValueError("no edit requests given: pass a non-empty list of EditRequest")
+    for i, r in enumerate(requests):
+        if not isinstance(r, EditRequest):
+            raise TypeError(f"request {i} is a {type(r).__name__}, expected memoe.EditRequest")
+        if r.prompt.count("{}") != 1:
+            if r.subject and r.subject in r.prompt:
+                raise RecordError(r.case_id, i, "prompt", f"use '{{}}' where the subject goes: {r.prompt!r}")
+            raise RecordError(r.case_id, i, "prompt", f"subject {r.subject!r} does not occur in prompt {r.prompt!r}")
+        if not r.target_new or not r.target_new.strip():
+            raise RecordError(r.case_id, i, "target_new", "empty target")
+        subject_span(tok, r.prompt, r.subject)
+
+
+class Editor(ABC):
+    """Base of all editors. Subclasses set ``name`` and ``Config`` and implement :meth:`_apply`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[EditorConfig]]
+    #: True when ``apply`` may be called again on an already edited model (sequential modes).
+    supports_sequential: ClassVar[bool] = True
+
+    def __init__(self, config: EditorConfig | dict | None = None):
+        if config is None or isinstance(config, dict):
+            config = from_dict(self.Config, config or {})
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{self.name} takes a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    def apply(self, model: nn.Module, tok, requests: list[EditRequest]) -> EditResult:
+        """Apply ``requests`` to ``model`` in place and return the restorable result."""
+        validate_requests(tok, requests)
+        t0 = time.perf_counter()
+        result = self._apply(model, tok, list(requests))
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    @abstractmethod
+    def _apply(self, model: nn.Module, tok, requests: list[EditRequest]) -> EditResult: ...
+
+
+class WeightEditor(Editor):
+    """An editor that adds deltas to base weights. Subclasses implement only :meth:`compute_deltas`."""
+
+    @abstractmethod
+    def compute_deltas(self, model: nn.Module, tok, requests: list[EditRequest]) -> tuple[dict[str, torch.Tensor], dict]:
+        """Return ``({parameter name: delta}, info)`` *without* changing the model."""
+
+    def _apply(self, model: nn.Module, tok, requests: list[EditRequest]) -> EditResult:
+        deltas, info = self.compute_deltas(model, tok, requests)
+        return apply_deltas(model, deltas, self.name, requests, info)
+
+
+def apply_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], editor: str,
+                 requests: list[EditRequest] | None = None, info: dict | None = None) -> EditResult:
+    """Add each delta to its parameter, keeping the original tensors for :meth:`EditResult.restore`."""
+    params = dict(model.named_parameters())
+    for name, d in deltas.items():
+        if name not in params:
+            raise KeyError(f"delta for unknown parameter {name!r}")
+        if d.shape != params[name].shape:
+            raise ValueError(f"delta for {name!r} has shape {tuple(d.shape)}, parameter has {tuple(params[name].shape)}")
+    originals = {name: params[name].detach().clone() for name in deltas}
+    with torch.no_grad():
+        for name, d in deltas.items():
+            params[name].add_(d.to(params[name].dtype))
+    return EditResult(editor=editor, requests=list(requests or []), deltas=deltas, info=info or {},
+                      _originals=originals, _model=model)

@@ -1,0 +1,187 @@
+"""The four editing modes of the Llama-3 batch-size study, and measuring any editor with them.
+
+- ``single``: each request alone on a fresh model (restore between);
+- ``batch``: batches of B, restoring the model between batches;
+- ``sequential``: one request at a time, never restoring;
+- ``sequential-batch``: successive batches of B, never restoring.
+
+Every batch is scored right after it is applied ("current"); the non-restoring modes also re-score all N
+edits at the end ("final", which shows forgetting). Locality always compares with the *unedited* model's
+scores, computed once before any edit (the pre-edit row).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from memoe.data.records import EditRecord
+from memoe.editors.base import EditResult, Editor
+from memoe.evaluation.metrics import RawScores, compute_metrics, raw_scores, subset
+from memoe.evaluation.scoring import PairScores
+
+MODES = ("single", "batch", "sequential", "sequential-batch")
+RESTORING = {"single": True, "batch": True, "sequential": False, "sequential-batch": False}
+
+
+class PeakMemory:
+    """Peak memory during a block, in MiB: CUDA's allocator peak on a GPU, else the process's resident set
+    sampled every 5 ms (``peak_mb`` absolute, ``delta_mb`` above the level at entry)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.peak_mb = self.delta_mb = 0.0
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self._base = self._peak = self._rss_mb()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self._peak = max(self._peak, self._rss_mb())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._peak, self._rss_mb())
+        self.delta_mb = self.peak_mb - self._base
+        return False
+
+
+def merge(parts: list[RawScores]) -> RawScores:
+    """Concatenate raw scores of consecutive record batches."""
+    cat = lambda f: PairScores(*[[x for p in parts for x in getattr(getattr(p, f), g)] for g in ("nll", "token_acc", "argmax", "first_prob")])  # noqa: E731
+    lists = lambda f: [x for p in parts for x in getattr(p, f)]  # noqa: E731
+    flu = [p.fluency for p in parts if p.fluency is not None]
+    out = RawScores(cat("request_new"), cat("request_true"), lists("para_new"), lists("para_true"), lists("neigh_new"),
+                    lists("neigh_true"), lists("loc"), lists("same"), sum(flu) / len(flu) if flu else None)
+    out.prompts_scored = sum(p.prompts_scored for p in parts)
+    out.seconds = sum(p.seconds for p in parts)
+    return out
+
+
+@dataclass
+class RunResult:
+    """One editor in one mode over N edits: every field ``evaluate.py`` writes."""
+
+    editor: str
+    mode: str
+    batch_size: int
+    num_edits: int
+    pre: dict
+    current: dict
+    final: dict | None
+    edit_seconds: float
+    edits_per_second: float
+    peak_memory_mb: float
+    peak_memory_delta_mb: float
+    restores: int
+    scoring: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    batches: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ScoreOptions:
+    batch_size: int = 64
+    """Prompts per scoring forward pass."""
+    fluency_prompts: int = 1
+    """Generation prompts per record used for the fluency metric (0 turns it off)."""
+    max_new_tokens: int = 30
+    """Tokens generated per generation prompt."""
+
+
+def batches_for(mode: str, n: int, batch_size: int) -> list[range]:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    b = 1 if mode in ("single", "sequential") else batch_size
+    return [range(s, min(n, s + b)) for s in range(0, n, b)]
+
+
+def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, batch_size: int = 1,
+             pre: RawScores | None = None, score: ScoreOptions | None = None, progress: bool = True,
+             label: str | None = None) -> RunResult:
+    """Apply ``records`` with ``editor`` in ``mode`` and score them; the model is restored at the end."""
+    score = score or ScoreOptions()
+    if not records:
+        raise ValueError("no records to edit")
+    chunks = batches_for(mode, len(records), batch_size)
+    if not RESTORING[mode] and not editor.supports_sequential:
+        raise ValueError(f"editor {editor.name!r} does not support the {mode!r} mode")
+    sc = lambda recs: raw_scores(model, tok, recs, score.batch_size, score.fluency_prompts, score.max_new_tokens)  # noqa: E731
+    if pre is None:
+        pre = sc(records)
+    device = next(model.parameters()).device
+    live: list[EditResult] = []
+    current_parts: list[RawScores] = []
+    per_batch, restores, edit_seconds, peak, peak_delta = [], 0, 0.0, 0.0, 0.0
+    bar = tqdm(total=len(records), desc=label or f"{editor.name} {mode}", unit="edit", disable=not progress)
+    try:
+        for chunk in chunks:
+            recs = [records[i] for i in chunk]
+            with PeakMemory(device) as mem:
+                result = editor.apply(model, tok, [r.request for r in recs])
+            live.append(result)
+            edit_seconds += result.seconds
+            peak, peak_delta = max(peak, mem.peak_mb), max(peak_delta, mem.delta_mb)
+            part = sc(recs)
+            current_parts.append(part)
+            per_batch.append({"start": chunk.start, "size": len(chunk), "seconds": round(result.seconds, 4),
+                              "efficacy": compute_metrics(part)["cf_efficacy"]})
+            if RESTORING[mode]:
+                live.pop().restore()
+                restores += 1
+            bar.update(len(chunk))
+        bar.close()
+        current = merge(current_parts)
+        final = sc(records) if not RESTORING[mode] else None
+    finally:
+        for result in reversed(live):  # back to the unedited model, whatever happened
+            result.restore()
+            restores += 1
+    scored = current.prompts_scored + (final.prompts_scored if final else 0)
+    scoring_seconds = current.seconds + (final.seconds if final else 0)
+    return RunResult(
+        editor=editor.name, mode=mode, batch_size=1 if mode in ("single", "sequential") else batch_size,
+        num_edits=len(records), pre=compute_metrics(pre, pre), current=compute_metrics(current, pre),
+        final=compute_metrics(final, pre) if final else None, edit_seconds=round(edit_seconds, 4),
+        edits_per_second=round(len(records) / edit_seconds, 3) if edit_seconds > 0 else float("inf"),
+        peak_memory_mb=round(peak, 1), peak_memory_delta_mb=round(peak_delta, 1), restores=restores,
+        scoring={"prompts": scored, "seconds": round(scoring_seconds, 3),
+                 "prompts_per_second": round(scored / scoring_seconds, 1) if scoring_seconds else None},
+        config=asdict(editor.config), batches=per_batch,
+    )
+
+
+def pre_scores(model, tok, records: list[EditRecord], score: ScoreOptions | None = None) -> RawScores:
+    """The unedited model's raw scores (compute once, share across editors and modes)."""
+    score = score or ScoreOptions()
+    return raw_scores(model, tok, records, score.batch_size, score.fluency_prompts, score.max_new_tokens)
+
+
+__all__ = ["MODES", "PeakMemory", "RunResult", "ScoreOptions", "batches_for", "pre_scores", "run_mode", "subset"]

@@ -1,0 +1,143 @@
+"""From options to results: pick the model (a testbed or a local checkpoint), the edits, the editors, run
+every mode and write JSON + Markdown (+ PNG plots). ``evaluate.py`` and ``train.py`` are thin shells on this.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from memoe.config import bounds, load_config
+from memoe.data import EditDataset, load_edit_dataset
+from memoe.editors import make_editor
+from memoe.evaluation.harness import MODES, ScoreOptions, pre_scores, run_mode
+from memoe.evaluation.metrics import MetricsTable, compute_metrics
+from memoe.io import write_json, write_text
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DATASETS = ("synthetic", "counterfact", "counterfact-easyedit", "zsre")
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``evaluate.py`` (also readable from a YAML file with ``--config``)."""
+
+    editors: list[str] = field(default_factory=lambda: ["ft"])
+    """Registered editor names to run, each over the same edits and modes."""
+    dataset: str = "synthetic"
+    """Edit dataset: synthetic, counterfact, counterfact-easyedit or zsre."""
+    data_path: str | None = None
+    """File of the real dataset (default: the shared data directory)."""
+    num_edits: int = field(default=100, metadata=bounds(1, 100_000))
+    """How many edits (the first N records)."""
+    modes: list[str] = field(default_factory=lambda: ["sequential-batch"], metadata=bounds(choices=MODES))
+    """Editing modes to run."""
+    batch_sizes: list[int] = field(default_factory=lambda: [10], metadata=bounds(1, 100_000))
+    """Batch sizes for the batch modes (single/sequential always use 1)."""
+    seed: int = 0
+    """Seed for torch before each run (and the synthetic world)."""
+    output: str = "runs/eval.json"
+    """Result JSON; the Markdown table goes beside it (``.md``) and plots to ``<stem>-*.png``."""
+    plot: bool = False
+    """Draw metrics against batch size (several batch sizes) or number of edits (PNG)."""
+    model: str | None = None
+    """A local Hugging Face checkpoint to edit instead of the testbed (e.g. a Llama-3-8B directory)."""
+    dtype: str = field(default="float32", metadata=bounds(choices=("float32", "bfloat16", "float16")))
+    """dtype of a loaded checkpoint."""
+    device: str | None = None
+    """Device of a loaded checkpoint (default: cuda if available)."""
+    testbed_config: str | None = None
+    """YAML of the testbed to build/load (default: ``configs/testbed/<dataset>.yaml``)."""
+    editor_configs: dict = field(default_factory=dict)
+    """Editor name -> YAML config (default: ``configs/editors/<name>.yaml`` if it exists)."""
+    bad_records: str = field(default="skip", metadata=bounds(choices=("error", "skip")))
+    """Bad records in a real dataset: stop with an error, or leave them out with a warning."""
+    score_batch_size: int = field(default=64, metadata=bounds(1))
+    """Prompts per scoring forward pass."""
+    fluency_prompts: int = field(default=1, metadata=bounds(0))
+    """Generation prompts per record for the fluency metric (0: off)."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def testbed_config_path(dataset: str) -> Path:
+    return CONFIG_DIR / "testbed" / f"{dataset}.yaml"
+
+
+def editor_config_path(name: str, overrides: dict) -> str | None:
+    if name in overrides:
+        return overrides[name]
+    p = CONFIG_DIR / "editors" / f"{name}.yaml"
+    return str(p) if p.exists() else None
+
+
+def load_subject(cfg: EvalConfig):
+    """(model, tokenizer, edit dataset, testbed or None) for the options."""
+    if cfg.model:
+        from memoe.models import load_model
+
+        model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+        ds = load_edit_dataset(cfg.dataset, cfg.data_path, limit=cfg.num_edits, bad_records=cfg.bad_records, seed=cfg.seed)
+        return model, tok, ds, None
+    from memoe.testbed import TestbedConfig, build_testbed
+
+    path = cfg.testbed_config or testbed_config_path(cfg.dataset)
+    tb_cfg = load_config(TestbedConfig, path, {"data_path": cfg.data_path} if cfg.data_path else None)
+    if tb_cfg.dataset != cfg.dataset:
+        raise ValueError(f"testbed config {path} is for dataset {tb_cfg.dataset!r}, not {cfg.dataset!r}")
+    tb = build_testbed(tb_cfg, progress=cfg.progress)
+    if cfg.num_edits > len(tb.dataset):
+        raise ValueError(f"--num-edits {cfg.num_edits} exceeds the {len(tb.dataset)} records the testbed knows")
+    ds = EditDataset(tb.dataset.name, tb.dataset.records[: cfg.num_edits], tb.dataset.source, tb.dataset.meta)
+    return tb.model, tb.tokenizer, ds, tb
+
+
+def run_evaluation(cfg: EvalConfig, subject: tuple | None = None) -> dict:
+    """Run every editor x mode x batch size; write JSON and Markdown (and plots); return the result dict.
+
+    ``subject`` is what :func:`load_subject` returned, when the caller already loaded it.
+    """
+    model, tok, ds, tb = subject or load_subject(cfg)
+    records = ds.records
+    score = ScoreOptions(cfg.score_batch_size, cfg.fluency_prompts)
+    t0 = time.perf_counter()
+    pre = pre_scores(model, tok, records, score)
+    pre_seconds = time.perf_counter() - t0
+    runs = []
+    table = MetricsTable()
+    table.add("pre-edit", compute_metrics(pre, pre))
+    for name in cfg.editors:
+        editor = make_editor(name, editor_config_path(name, cfg.editor_configs))
+        for mode in cfg.modes:
+            sizes = cfg.batch_sizes if mode in ("batch", "sequential-batch") else [1]
+            for b in sizes:
+                torch.manual_seed(cfg.seed)
+                r = run_mode(editor, model, tok, records, mode, b, pre=pre, score=score, progress=cfg.progress,
+                             label=f"{name} {mode} b={b}")
+                runs.append(r.to_dict())
+                table.add(f"{name} {mode} b={b} (current)", r.current)
+                if r.final:
+                    table.add(f"{name} {mode} b={b} (final)", r.final)
+    result = {
+        "options": asdict(cfg),
+        "model": cfg.model or (str(tb.path) if tb else None),
+        "testbed": {k: tb.report.get(k) for k in ("name", "parameters", "build_seconds", "recall", "storage_site")} if tb else None,
+        "dataset": {"name": ds.name, "source": ds.source, "num_edits": len(records)},
+        "pre": compute_metrics(pre, pre),
+        "pre_scoring": {"prompts": pre.prompts_scored, "seconds": round(pre_seconds, 3),
+                        "prompts_per_second": round(pre.prompts_scored / pre_seconds, 1)},
+        "runs": runs,
+    }
+    out = Path(cfg.output)
+    write_json(out, result)
+    md = table.markdown()
+    write_text(out.with_suffix(".md"), md + "\n")
+    result["markdown"] = md
+    if cfg.plot:
+        from memoe.evaluation.plots import plot_runs
+
+        result["plots"] = plot_runs(runs, out)
+    return result

@@ -1,0 +1,68 @@
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from memoe.config import ConfigError, bounds, from_dict, load_config
+from memoe.editors import REGISTRY
+from memoe.pipeline import CONFIG_DIR, EvalConfig
+from memoe.testbed import TestbedConfig
+
+
+@dataclass
+class Demo:
+    steps: int = field(default=3, metadata=bounds(1, 10))
+    lr: float = field(default=0.1, metadata=bounds(0.0))
+    layers: list[int] = field(default_factory=lambda: [1])
+    kind: str = field(default="a", metadata=bounds(choices=("a", "b")))
+    name: str | None = None
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="unknown config key 'stpes'"):
+        from_dict(Demo, {"stpes": 3})
+
+
+@pytest.mark.parametrize("data, key", [({"steps": 0}, "steps"), ({"steps": 11}, "steps"), ({"lr": -1}, "lr"),
+                                       ({"kind": "c"}, "kind"), ({"steps": "x"}, "steps"), ({"layers": [1, "a"]}, "layers[1]")])
+def test_bad_values_are_named(data, key):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
+        from_dict(Demo, data)
+
+
+def test_types_are_coerced_where_safe():
+    d = from_dict(Demo, {"lr": 1, "layers": [2, 3], "name": None})
+    assert d.lr == 1.0 and isinstance(d.lr, float) and d.layers == [2, 3]
+
+
+def test_yaml_file_errors_name_the_file(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("steps: 99\n")
+    with pytest.raises(ConfigError, match=f"{p}.*'steps'"):
+        load_config(Demo, p)
+
+
+# Every YAML in configs/ loads into its dataclass, so configs cannot drift from the code.
+CONFIGS = sorted(Path(CONFIG_DIR).rglob("*.yaml"))
+
+
+def config_class(path: Path):
+    rel = path.relative_to(CONFIG_DIR)
+    if rel.parts[0] == "testbed":
+        return TestbedConfig
+    if rel.parts[0] == "editors":
+        return REGISTRY[rel.stem.split("-")[0]].Config
+    if rel.parts[0] == "eval":
+        return EvalConfig
+    raise AssertionError(f"no config class known for {rel}")
+
+
+def test_configs_dir_is_populated():
+    assert len(CONFIGS) >= 5
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_every_config_loads(path):
+    cfg = load_config(config_class(path), path)
+    assert cfg is not None
