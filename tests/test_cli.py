@@ -1,0 +1,81 @@
+"""evaluate.py and train.py end to end on the tiny testbed."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import evaluate  # noqa: E402
+import train  # noqa: E402
+
+TINY = str(ROOT / "configs" / "testbed" / "tiny.yaml")
+
+
+@pytest.fixture
+def cache(tiny_testbed, tiny_cache, monkeypatch):
+    monkeypatch.setenv("MEMOE_CACHE", str(tiny_cache))
+    return tiny_cache
+
+
+def test_evaluate_writes_every_field(cache, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    rc = evaluate.main(["--editor", "ft", "--dataset", "synthetic", "--num-edits", "6", "--mode", "sequential-batch",
+                        "--mode", "batch", "--batch-size", "3", "--batch-size", "6", "--testbed-config", TINY,
+                        "--output", str(out), "--plot", "--no-progress", "--seed", "1"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [(r["mode"], r["batch_size"]) for r in res["runs"]] == [("sequential-batch", 3), ("sequential-batch", 6), ("batch", 3), ("batch", 6)]
+    for r in res["runs"]:
+        for key in ("pre", "current", "final", "edit_seconds", "edits_per_second", "peak_memory_mb", "scoring", "restores"):
+            assert key in r
+        assert r["current"]["cf_efficacy"] is not None and r["pre"] == res["pre"]
+        assert (r["final"] is None) == (r["mode"] == "batch")
+    assert res["options"]["seed"] == 1 and res["dataset"]["num_edits"] == 6
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith("| run |") and "pre-edit" in md and "ft sequential-batch b=3 (final)" in md
+    for png in ("out-batch-size.png", "out-edits.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert "prompts/s" in capsys.readouterr().out
+
+
+def test_evaluate_yaml_config_with_overrides(cache, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"editors: [ft]\nnum_edits: 4\nmodes: [single]\ntestbed_config: {TINY}\nprogress: false\n")
+    out = tmp_path / "o.json"
+    assert evaluate.main(["--config", str(cfg), "--num-edits", "2", "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["dataset"]["num_edits"] == 2 and res["runs"][0]["mode"] == "single" and res["runs"][0]["restores"] == 2
+
+
+def test_bad_options_are_named(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("num_edit: 4\n")
+    assert evaluate.main(["--config", str(cfg)]) == 2
+    assert "unknown config key 'num_edit'" in capsys.readouterr().err
+    assert evaluate.main(["--num-edits", "0"]) == 2
+    assert "'num_edits'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--mode", "parallel"])
+
+
+def test_trace_tool(cache, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert evaluate.main(["--trace", "--trace-facts", "3", "--testbed-config", TINY, "--num-edits", "3",
+                          "--output", str(out), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "t-trace.json").read_text())
+    assert res["n_facts"] == 3 and "peak_mlp" in res
+    assert (tmp_path / "t-trace.png").exists()
+    assert "MLP peak" in capsys.readouterr().out
+
+
+def test_train_main_job(cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("memoe.pipeline.testbed_config_path", lambda dataset: Path(TINY))
+    out = tmp_path / "train.json"
+    assert train.main(["--num-edits", "4", "--batch-size", "2", "--output", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "recall requests" in text and "| pre-edit |" in text and "edits/s" in text
+    assert json.loads(out.read_text())["runs"][0]["mode"] == "sequential-batch"
