@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from memoe.config import load_config
 from memoe.editors.base import EditResult, Editor, EditorConfig, WeightEditor, apply_deltas, validate_requests
+from memoe.editors.closed_form import EMMETEditor, MEMITEditor, ROMEEditor
 from memoe.editors.ft import FTConfig, FTEditor
 
 #: name -> editor class. Add a method by adding a line here.
 REGISTRY: dict[str, type[Editor]] = {
     FTEditor.name: FTEditor,
+    ROMEEditor.name: ROMEEditor,
+    MEMITEditor.name: MEMITEditor,
+    EMMETEditor.name: EMMETEditor,
 }
 
 

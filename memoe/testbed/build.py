@@ -263,6 +263,7 @@ def build_testbed(config: TestbedConfig | None = None, cache_dir: str | os.PathL
         try:
             model, tok, report = _load_cached(path, key)
             model.requires_grad_(False)
+            _write_corpus(path, corpus, config)
             return Testbed(model, tok, dataset, config, path, report, world)
         except Exception as e:  # corrupt or foreign cache: rebuild it
             warnings.warn(f"testbed cache {path} is unusable ({type(e).__name__}: {e}); rebuilding", stacklevel=2)
@@ -283,10 +284,21 @@ def build_testbed(config: TestbedConfig | None = None, cache_dir: str | os.PathL
                   build_seconds=round(build_seconds, 1), losses=losses, config=dataclasses.asdict(config))
     report["storage_site"] = storage_site(report)
     _save(path, model, tok, report, key)
+    _write_corpus(path, corpus, config)
+    model.name_or_path = model.config.name_or_path = str(path)  # as if loaded from the cache: editors find corpus.txt there
     model.requires_grad_(False)
     if verbose:
         print(format_report(report))
     return Testbed(model, tok, dataset, config, path, report, world)
+
+
+def _write_corpus(path: Path, corpus: FactCorpus, config: TestbedConfig) -> None:
+    """One epoch of the pretraining text as ``corpus.txt``: the closed-form editors' C0 statistics corpus."""
+    from memoe.io import write_text
+
+    target = path / "corpus.txt"
+    if not target.exists():
+        write_text(target, "\n".join(corpus.sentences(random.Random(config.seed))) + "\n")
 
 
 def _save(path: Path, model, tok, report: dict, key: str) -> None:

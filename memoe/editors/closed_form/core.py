@@ -1,0 +1,237 @@
+"""The shared core of ROME, MEMIT and EMMET: keys, target values, statistics and the layer loop.
+
+One edit of requests (prompt, subject, new target):
+
+1. target values (MEMIT's ``compute_z``, batched): for every request a residual-stream delta δ at the last
+   edit layer, at the fact token, optimised in one padded forward/backward per step for all requests to
+   make the new target likely over prefixed prompts, with a KL term that keeps "{subject} is a" as it was,
+   weight decay, a norm clamp and an early stop. z = h + δ.
+2. for each edit layer l (ascending): keys K_l (down-projection inputs at the fact token, averaged over the
+   same context prefixes everywhere: the r-ROME fix), the residual R = (z - h_last) / (layers left) on the bare
+   prompt, and the
+   method's solve Δ_l = solve(R, K_l, C0_l). Δ_l is put in place before the next layer's keys are computed.
+3. the weights are put back: computing an edit never changes the model; ``apply`` does (and ``restore``
+   undoes it bit for bit).
+
+A method is then only its solve and its config (``rome.py``, ``memit.py``, ``emmet.py``).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from memoe import nethook
+from memoe.config import bounds
+from memoe.data.records import EditRequest
+from memoe.editors.base import EditorConfig, WeightEditor
+from memoe.editors.closed_form.stats import layer_stats
+from memoe.evaluation.scoring import encode_pairs, model_device, pad_batch
+from memoe.models.arch import model_parts
+from memoe.tokens import fact_position
+
+#: Short neutral sentences the keys and targets are averaged over (plus the bare prompt).
+DEFAULT_PREFIXES = ["The market was busy.", "It rained all day.", "A new bridge opened.", "Tea is served at four."]
+
+
+@dataclass
+class ClosedFormConfig(EditorConfig):
+    """Options shared by every closed-form editor."""
+
+    layers: list[int] = field(default_factory=lambda: [0])
+    """Edit layers (the down-projection of each); the target is set at the last one."""
+    fact_token: str = field(default="subject_last", metadata=bounds(choices=("subject_last", "subject_first", "prompt_last")))
+    """Token the key is read and the target written at (ROME's ``fact_token``)."""
+    context_prefixes: list[str] = field(default_factory=lambda: list(DEFAULT_PREFIXES))
+    """Prefixes the keys and target values are averaged over (the bare prompt is always included)."""
+    v_lr: float = field(default=0.5, metadata=bounds(0.0))
+    """Adam learning rate of the target-value optimisation."""
+    v_steps: int = field(default=25, metadata=bounds(1, 10_000))
+    """Maximum optimisation steps for the target values."""
+    v_weight_decay: float = field(default=1e-3, metadata=bounds(0.0))
+    """Weight of ||δ||² / ||h||² in the target loss."""
+    kl_factor: float = field(default=0.0625, metadata=bounds(0.0))
+    """Weight of the KL term that keeps the subject's "{} is a" distribution."""
+    clamp_norm_factor: float = field(default=4.0, metadata=bounds(0.0))
+    """||δ|| is clamped to this times ||h|| (0: no clamp)."""
+    v_stop_loss: float = field(default=5e-2, metadata=bounds(0.0))
+    """Stop early once every request's target NLL is below this."""
+    batched_targets: bool = True
+    """Optimise all requests' targets in one padded batch (False: one request at a time, for benchmarks)."""
+    stats_corpus: str = "auto"
+    """Text for C0: ``auto`` (a testbed's own corpus), a .txt/.jsonl path or a dataset id ``name[:config]``."""
+    stats_samples: int = field(default=20_000, metadata=bounds(1))
+    """Tokens in the C0 estimate."""
+    stats_cache: str | None = None
+    """Cache folder for C0 (default: ``$MEMOE_CACHE`` or ``.cache/memoe``)."""
+
+
+def prefixed(prompt: str, prefixes: list[str]) -> list[str]:
+    return [prompt] + [f"{p} {prompt}" for p in prefixes]
+
+
+def _layer_out(parts, layer: int) -> str:
+    return f"{parts.name('layers')}.{parts.check_layer(layer)}"
+
+
+def fact_rows(tok, requests: list[EditRequest], prefixes: list[str], fact_token: str):
+    """Every (request, prefix) text with its fact-token position and owning request index."""
+    texts, positions, owner = [], [], []
+    for i, r in enumerate(requests):
+        for tpl in prefixed(r.prompt, prefixes):
+            texts.append(tpl.replace("{}", r.subject))
+            positions.append(fact_position(tok, tpl, r.subject, fact_token))
+            owner.append(i)
+    return texts, positions, owner
+
+
+@torch.no_grad()
+def read_at_facts(model, tok, requests, prefixes, fact_token, module: str, inputs: bool) -> torch.Tensor:
+    """(N, D) a module's input (``inputs=True``) or output at the fact token, averaged over prefixes."""
+    texts, positions, owner = fact_rows(tok, requests, prefixes, fact_token)
+    ids, mask = pad_batch(tok(texts, add_special_tokens=True)["input_ids"], tok.pad_token_id, model_device(model))
+    with nethook.capture(model, [module], inputs=inputs) as store:
+        model.base_model(input_ids=ids, attention_mask=mask)
+    vals = store[module][torch.arange(len(texts)), positions].double()  # (rows, D)
+    own = torch.tensor(owner, device=vals.device)
+    sums = torch.zeros(len(requests), vals.shape[1], dtype=vals.dtype, device=vals.device).index_add(0, own, vals)
+    return sums / torch.bincount(own, minlength=len(requests))[:, None]
+
+
+def compute_keys(model, tok, requests, layer: int, cfg: ClosedFormConfig) -> torch.Tensor:
+    """(d, N) keys: down-projection inputs at the fact token, averaged over the context prefixes."""
+    name = model_parts(model).name("down_proj", layer)
+    return read_at_facts(model, tok, requests, cfg.context_prefixes, cfg.fact_token, name, inputs=True).T
+
+
+def layer_outputs(model, tok, requests, layer: int, cfg: ClosedFormConfig) -> torch.Tensor:
+    """(H, N) residual stream after ``layer`` at the fact token of the bare prompt (where z was set, as MEMIT)."""
+    return read_at_facts(model, tok, requests, [], cfg.fact_token, _layer_out(model_parts(model), layer), inputs=False).T
+
+
+def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: ClosedFormConfig) -> tuple[torch.Tensor, dict]:
+    """(H, N) target residuals z = h + δ at ``layer``, optimised jointly for all requests (see module doc)."""
+    parts = model_parts(model)
+    device = model_device(model)
+    # Rows: every prefixed prompt of every request (with its new target), then one KL prompt per request.
+    texts, positions, owner = fact_rows(tok, requests, cfg.context_prefixes, cfg.fact_token)
+    targets = [requests[i].target_new for i in owner]
+    p_ids, t_ids = encode_pairs(tok, texts, targets)
+    kl_tpls = [f"{{}} is a" for _ in requests]
+    kl_ids = [tok(t.replace("{}", r.subject), add_special_tokens=True)["input_ids"] for t, r in zip(kl_tpls, requests)]
+    kl_pos = [fact_position(tok, t, r.subject, cfg.fact_token) for t, r in zip(kl_tpls, requests)]
+    seqs = [p + t for p, t in zip(p_ids, t_ids)] + kl_ids
+    ids, mask = pad_batch(seqs, tok.pad_token_id, device)
+    n_rows, N = len(p_ids), len(requests)
+    rows_pos = torch.tensor(positions + kl_pos, device=device)
+    rows_own = torch.tensor(owner + list(range(N)), device=device)
+    # Target-token positions and labels for the NLL
+    tr = [b for b, t in enumerate(t_ids) for _ in t]
+    tc = [len(p) - 1 + j for p, t in zip(p_ids, t_ids) for j in range(len(t))]
+    labels = torch.tensor([x for t in t_ids for x in t], device=device)
+    tok_row = torch.tensor(tr, device=device)
+    kl_last = [len(k) - 1 for k in kl_ids]
+    head = model.get_output_embeddings()
+    out_name = _layer_out(parts, layer)
+
+    with torch.no_grad(), nethook.capture(model, [out_name]) as store:
+        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        kl_ref = torch.log_softmax(head(hidden[torch.arange(n_rows, n_rows + N), kl_last]).float(), -1)
+        h_rows = store[out_name][torch.arange(len(seqs)), rows_pos].float()  # (rows, H)
+    h_init = h_rows[: n_rows][[owner.index(i) for i in range(N)]]  # bare prompt of each request (N, H)
+    delta = torch.zeros_like(h_init, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+
+    def add_delta(h: torch.Tensor) -> torch.Tensor:
+        h = h.clone()
+        h[torch.arange(len(seqs), device=device), rows_pos] += delta[rows_own].to(h.dtype)
+        return h
+
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    losses = []
+    try:
+        for step in range(cfg.v_steps):
+            with nethook.patch(model, {out_name: add_delta}):
+                hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            logp = torch.log_softmax(head(hidden[tr, tc]).float(), -1)
+            tok_nll = -logp.gather(1, labels[:, None])[:, 0]
+            row_nll = torch.zeros(n_rows, device=device).index_add(0, tok_row, tok_nll) / torch.bincount(tok_row, minlength=n_rows)
+            own = torch.tensor(owner, device=device)
+            req_nll = torch.zeros(N, device=device).index_add(0, own, row_nll) / torch.bincount(own, minlength=N)
+            kl_new = torch.log_softmax(head(hidden[torch.arange(n_rows, n_rows + N), kl_last]).float(), -1)
+            kl = torch.nn.functional.kl_div(kl_new, kl_ref, log_target=True, reduction="batchmean")
+            decay = (delta.norm(dim=1) ** 2 / h_init.norm(dim=1) ** 2).mean()
+            loss = req_nll.mean() + cfg.kl_factor * kl + cfg.v_weight_decay * decay
+            losses.append(round(req_nll.mean().item(), 4))
+            if req_nll.max().item() < cfg.v_stop_loss:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if cfg.clamp_norm_factor > 0:
+                with torch.no_grad():
+                    limit = cfg.clamp_norm_factor * h_init.norm(dim=1, keepdim=True)
+                    norm = delta.norm(dim=1, keepdim=True)
+                    delta.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)))
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    z = (h_init + delta.detach()).double().T  # (H, N)
+    return z, {"target_losses": losses, "target_steps": len(losses)}
+
+
+class ClosedFormEditor(WeightEditor):
+    """ROME, MEMIT and EMMET: the shared pipeline; subclasses give :meth:`solve` (and may edit one at a time)."""
+
+    Config = ClosedFormConfig
+    #: ROME writes one fact at a time: a batch is applied as consecutive single edits.
+    one_at_a_time: bool = False
+
+    @abstractmethod
+    def solve(self, R: torch.Tensor, K: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """(H, d) update from residuals R (H, N), keys K (d, N) and C0 (d, d), all float64."""
+
+    def stats(self, model, tok, layer: int) -> torch.Tensor:
+        cfg = self.config
+        return layer_stats(model, tok, layer, cfg.stats_corpus, cfg.stats_samples, cfg.stats_cache, progress=False)
+
+    def compute_deltas(self, model, tok, requests: list[EditRequest]):
+        cfg: ClosedFormConfig = self.config
+        parts = model_parts(model)
+        layers = sorted(parts.check_layer(l) for l in cfg.layers)
+        if not layers:
+            raise ValueError("no edit layers configured")
+        weights = {l: parts.module("down_proj", l).weight for l in layers}
+        originals = {l: w.detach().clone() for l, w in weights.items()}
+        covs = {l: self.stats(model, tok, l) for l in layers}
+        for l, C in covs.items():
+            d = parts.down_proj_weight(l).shape[1]
+            if C.shape != (d, d):
+                raise ValueError(f"covariance for layer {l} has shape {tuple(C.shape)}, expected ({d}, {d})")
+        info: dict = {"target_losses": [], "layers": layers}
+        groups = [[r] for r in requests] if self.one_at_a_time else [requests]
+        try:
+            for group in groups:
+                if cfg.batched_targets:
+                    z, inf = compute_targets(model, tok, group, layers[-1], cfg)
+                    info["target_losses"].append(inf["target_losses"])
+                else:
+                    zs = [compute_targets(model, tok, [r], layers[-1], cfg) for r in group]
+                    z = torch.cat([x for x, _ in zs], dim=1)
+                    info["target_losses"] += [i["target_losses"] for _, i in zs]
+                for i, l in enumerate(layers):
+                    K = compute_keys(model, tok, group, l, cfg)  # recomputed after earlier layers' updates
+                    R = (z - layer_outputs(model, tok, group, layers[-1], cfg)) / (len(layers) - i)
+                    delta = self.solve(R, K, covs[l].to(K.device))  # (H, d)
+                    with torch.no_grad():
+                        w = weights[l]
+                        w.add_((delta.T if parts.spec.down_proj_transposed else delta).to(w.dtype))
+            deltas = {parts.name("down_proj", l) + ".weight": (weights[l].detach() - originals[l]) for l in layers}
+        finally:  # computing never leaves the model changed
+            with torch.no_grad():
+                for l, w in weights.items():
+                    w.copy_(originals[l])
+        return deltas, info

@@ -1,0 +1,85 @@
+"""ROME, MEMIT and EMMET on the tiny testbed: they write the new facts, keep the model otherwise, and
+compute without changing the model."""
+
+import pytest
+import torch
+
+from memoe.editors import make_editor
+from memoe.editors.closed_form.core import compute_keys, compute_targets
+from memoe.evaluation.scoring import score_pairs
+
+FAST = {"stats_samples": 2000, "v_steps": 30}
+
+
+@pytest.fixture(scope="module")
+def stats_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("stats"))
+
+
+@pytest.mark.parametrize("name, extra", [("rome", {}), ("memit", {"layers": [0, 1], "mom2_update_weight": 10.0}), ("emmet", {})])
+def test_closed_form_editor_writes_facts(name, extra, tiny_testbed, stats_cache):
+    tb = tiny_testbed
+    reqs = [r.request for r in tb.dataset.records[:3]]
+    ed = make_editor(name, overrides={**FAST, **extra, "stats_cache": stats_cache, "layers": extra.get("layers", [0])})
+    before = {k: v.clone() for k, v in tb.model.state_dict().items()}
+    deltas, info = ed.compute_deltas(tb.model, tb.tokenizer, reqs)
+    assert all(torch.equal(before[k], v) for k, v in tb.model.state_dict().items())  # computing changes nothing
+    result = ed.apply(tb.model, tb.tokenizer, reqs)
+    try:
+        s = score_pairs(tb.model, tb.tokenizer, [r.text for r in reqs], [r.target_new for r in reqs])
+        t = score_pairs(tb.model, tb.tokenizer, [r.text for r in reqs], [r.target_true for r in reqs])
+        assert sum(a < b for a, b in zip(s.nll, t.nll)) >= 2  # efficacy on at least 2 of 3
+    finally:
+        result.restore()
+    assert all(torch.equal(before[k], v) for k, v in tb.model.state_dict().items())
+
+
+def test_keys_are_prefix_averages(tiny_testbed):
+    from memoe.editors.closed_form import ClosedFormConfig
+
+    tb = tiny_testbed
+    r = tb.dataset[0].request
+    cfg_a = ClosedFormConfig(context_prefixes=["It rained all day."])
+    cfg_0 = ClosedFormConfig(context_prefixes=[])
+    k_avg = compute_keys(tb.model, tb.tokenizer, [r], 0, cfg_a)
+    k_bare = compute_keys(tb.model, tb.tokenizer, [r], 0, cfg_0)
+    from memoe.editors.closed_form.core import read_at_facts
+    from memoe.models import model_parts
+
+    name = model_parts(tb.model).name("down_proj", 0)
+    from dataclasses import replace
+
+    prefixed = replace(r, prompt="It rained all day. " + r.prompt)
+    k_pref = read_at_facts(tb.model, tb.tokenizer, [prefixed], [], "subject_last", name, inputs=True).T
+    assert torch.allclose(k_avg, (k_bare + k_pref) / 2, atol=1e-6)
+
+
+def test_batched_targets_reach_the_same_goal(tiny_testbed):
+    from memoe.editors.closed_form import ClosedFormConfig
+
+    tb = tiny_testbed
+    reqs = [r.request for r in tb.dataset.records[:4]]
+    cfg = ClosedFormConfig(v_steps=40)
+    z_batch, info = compute_targets(tb.model, tb.tokenizer, reqs, 0, cfg)
+    assert z_batch.shape == (tb.model.config.hidden_size, 4)
+    assert info["target_losses"][-1] < info["target_losses"][0]
+    z_one = torch.cat([compute_targets(tb.model, tb.tokenizer, [r], 0, cfg)[0] for r in reqs], dim=1)
+    cos = torch.nn.functional.cosine_similarity(z_batch, z_one, dim=0)
+    assert (cos > 0.9).all()
+
+
+def test_rome_takes_one_layer():
+    from memoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="exactly one layer"):
+        make_editor("rome", overrides={"layers": [0, 1]})
+
+
+def test_wrong_covariance_shape_is_named(tiny_testbed, monkeypatch):
+    tb = tiny_testbed
+    ed = make_editor("emmet", overrides=FAST)
+    monkeypatch.setattr(ed, "stats", lambda model, tok, layer: torch.eye(3, dtype=torch.float64))
+    before = {k: v.clone() for k, v in tb.model.state_dict().items()}
+    with pytest.raises(ValueError, match="covariance for layer 0 has shape \\(3, 3\\)"):
+        ed.apply(tb.model, tb.tokenizer, [tb.dataset[0].request])
+    assert all(torch.equal(before[k], v) for k, v in tb.model.state_dict().items())
