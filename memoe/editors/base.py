@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -43,6 +44,14 @@ class EditResult:
     _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
     _model: nn.Module | None = field(default=None, repr=False)
     restored: bool = False
+
+    def save_lora(self, path, rank: int | None = None):
+        """Save this edit's weight deltas as a PEFT LoRA adapter (see :mod:`memoe.adapters.lora`)."""
+        from memoe.adapters.lora import save_lora
+
+        if not self.deltas or self._model is None:
+            raise ValueError(f"{self.editor} edit has no weight deltas to export")
+        return save_lora(self._model, self.deltas, path, rank=rank, num_edits=len(self.requests))
 
     def restore(self) -> None:
         """Give back the model exactly as it was before this edit (bit for bit). Idempotent."""
@@ -113,6 +122,21 @@ class WeightEditor(Editor):
     def _apply(self, model: nn.Module, tok, requests: list[EditRequest]) -> EditResult:
         deltas, info = self.compute_deltas(model, tok, requests)
         return apply_deltas(model, deltas, self.name, requests, info)
+
+
+@contextlib.contextmanager
+def scratch_weights(weights: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Let an editor change ``weights`` while it *computes* an edit; on exit (error or not) put their values
+    and ``requires_grad`` flags back, so computing never changes the model. Yields the original values."""
+    originals = [w.detach().clone() for w in weights]
+    flags = [w.requires_grad for w in weights]
+    try:
+        yield originals
+    finally:
+        with torch.no_grad():
+            for w, w0, flag in zip(weights, originals, flags):
+                w.copy_(w0)
+                w.requires_grad_(flag)
 
 
 def apply_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], editor: str,

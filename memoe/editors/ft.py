@@ -12,7 +12,7 @@ import torch
 
 from memoe.config import bounds
 from memoe.data.records import EditRequest
-from memoe.editors.base import EditorConfig, WeightEditor
+from memoe.editors.base import EditorConfig, WeightEditor, scratch_weights
 from memoe.evaluation.scoring import target_nll
 from memoe.models.arch import model_parts
 
@@ -41,12 +41,10 @@ class FTEditor(WeightEditor):
         names = [parts.name("down_proj", l) + ".weight" for l in cfg.layers]
         params = dict(model.named_parameters())
         weights = [params[n] for n in names]
-        originals = [w.detach().clone() for w in weights]
         prompts = [r.text for r in requests]
         targets = [r.target_new for r in requests]
-        flags = [w.requires_grad for w in weights]
         losses = []
-        try:
+        with scratch_weights(weights) as originals:
             for w in weights:
                 w.requires_grad_(True)
             opt = torch.optim.Adam(weights, lr=cfg.lr)
@@ -63,9 +61,4 @@ class FTEditor(WeightEditor):
                         for w, w0 in zip(weights, originals):
                             w.copy_(w0 + (w - w0).clamp(-cfg.norm_constraint, cfg.norm_constraint))
             deltas = {n: (w.detach() - w0) for n, w, w0 in zip(names, weights, originals)}
-        finally:  # computing never leaves the model changed: apply_deltas does that
-            with torch.no_grad():
-                for w, w0, flag in zip(weights, originals, flags):
-                    w.copy_(w0)
-                    w.requires_grad_(flag)
         return deltas, {"losses": losses, "steps": len(losses)}

@@ -82,7 +82,9 @@ class TestbedConfig:
     """torch threads while building (0: all cores). One process per core is fastest here."""
 
     def key(self, dataset_fingerprint: str) -> str:
-        return stable_hash({"format": TESTBED_FORMAT, "config": dataclasses.asdict(self), "data": dataset_fingerprint})
+        # Where the data was read from does not matter, only what it holds (the fingerprint).
+        config = {**dataclasses.asdict(self), "data_path": None}
+        return stable_hash({"format": TESTBED_FORMAT, "config": config, "data": dataset_fingerprint})
 
     @property
     def short_name(self) -> str:

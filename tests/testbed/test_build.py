@@ -57,3 +57,8 @@ def test_config_change_changes_cache_key(tmp_path):
     a = TestbedConfig(**MICRO)
     b = dataclasses.replace(a, steps=9)
     assert a.key("x") != b.key("x") and a.key("x") != a.key("y")
+
+
+def test_data_path_does_not_change_the_key():
+    a = TestbedConfig(**MICRO)
+    assert a.key("x") == dataclasses.replace(a, data_path="/elsewhere/same.json").key("x")

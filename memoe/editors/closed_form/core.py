@@ -26,7 +26,7 @@ import torch
 from memoe import nethook
 from memoe.config import bounds
 from memoe.data.records import EditRequest
-from memoe.editors.base import EditorConfig, WeightEditor
+from memoe.editors.base import EditorConfig, WeightEditor, scratch_weights
 from memoe.editors.closed_form.stats import layer_stats
 from memoe.evaluation.scoring import encode_pairs, model_device, pad_batch
 from memoe.models.arch import model_parts
@@ -119,9 +119,8 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
     texts, positions, owner = fact_rows(tok, requests, cfg.context_prefixes, cfg.fact_token)
     targets = [requests[i].target_new for i in owner]
     p_ids, t_ids = encode_pairs(tok, texts, targets)
-    kl_tpls = [f"{{}} is a" for _ in requests]
-    kl_ids = [tok(t.replace("{}", r.subject), add_special_tokens=True)["input_ids"] for t, r in zip(kl_tpls, requests)]
-    kl_pos = [fact_position(tok, t, r.subject, cfg.fact_token) for t, r in zip(kl_tpls, requests)]
+    kl_ids = [tok(f"{r.subject} is a", add_special_tokens=True)["input_ids"] for r in requests]
+    kl_pos = [fact_position(tok, "{} is a", r.subject, cfg.fact_token) for r in requests]
     seqs = [p + t for p, t in zip(p_ids, t_ids)] + kl_ids
     ids, mask = pad_batch(seqs, tok.pad_token_id, device)
     n_rows, N = len(p_ids), len(requests)
@@ -132,6 +131,9 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
     tc = [len(p) - 1 + j for p, t in zip(p_ids, t_ids) for j in range(len(t))]
     labels = torch.tensor([x for t in t_ids for x in t], device=device)
     tok_row = torch.tensor(tr, device=device)
+    per_row = torch.bincount(tok_row, minlength=n_rows)  # target tokens per row
+    prompt_owner = torch.tensor(owner, device=device)
+    per_request = torch.bincount(prompt_owner, minlength=N)  # prompts per request
     kl_last = [len(k) - 1 for k in kl_ids]
     head = model.get_output_embeddings()
     out_name = _layer_out(parts, layer)
@@ -158,9 +160,8 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
                 hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             logp = torch.log_softmax(head(hidden[tr, tc]).float(), -1)
             tok_nll = -logp.gather(1, labels[:, None])[:, 0]
-            row_nll = torch.zeros(n_rows, device=device).index_add(0, tok_row, tok_nll) / torch.bincount(tok_row, minlength=n_rows)
-            own = torch.tensor(owner, device=device)
-            req_nll = torch.zeros(N, device=device).index_add(0, own, row_nll) / torch.bincount(own, minlength=N)
+            row_nll = torch.zeros(n_rows, device=device).index_add(0, tok_row, tok_nll) / per_row
+            req_nll = torch.zeros(N, device=device).index_add(0, prompt_owner, row_nll) / per_request
             kl_new = torch.log_softmax(head(hidden[torch.arange(n_rows, n_rows + N), kl_last]).float(), -1)
             kl = torch.nn.functional.kl_div(kl_new, kl_ref, log_target=True, reduction="batchmean")
             decay = (delta.norm(dim=1) ** 2 / h_init.norm(dim=1) ** 2).mean()
@@ -180,7 +181,7 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
     z = (h_init + delta.detach()).double().T  # (H, N)
-    return z, {"target_losses": losses, "target_steps": len(losses)}
+    return z, {"target_losses": losses, "target_steps": len(losses), "target_nll": [round(x, 4) for x in req_nll.tolist()]}
 
 
 class ClosedFormEditor(WeightEditor):
@@ -202,10 +203,9 @@ class ClosedFormEditor(WeightEditor):
         cfg: ClosedFormConfig = self.config
         parts = model_parts(model)
         layers = sorted(parts.check_layer(l) for l in cfg.layers)
-        if not layers:
-            raise ValueError("no edit layers configured")
-        weights = {l: parts.module("down_proj", l).weight for l in layers}
-        originals = {l: w.detach().clone() for l, w in weights.items()}
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"edit layers must be distinct and at least one, got {cfg.layers}")
+        weights = [parts.module("down_proj", l).weight for l in layers]
         covs = {l: self.stats(model, tok, l) for l in layers}
         for l, C in covs.items():
             d = parts.down_proj_weight(l).shape[1]
@@ -213,7 +213,7 @@ class ClosedFormEditor(WeightEditor):
                 raise ValueError(f"covariance for layer {l} has shape {tuple(C.shape)}, expected ({d}, {d})")
         info: dict = {"target_losses": [], "layers": layers}
         groups = [[r] for r in requests] if self.one_at_a_time else [requests]
-        try:
+        with scratch_weights(weights) as originals:
             for group in groups:
                 if cfg.batched_targets:
                     z, inf = compute_targets(model, tok, group, layers[-1], cfg)
@@ -222,16 +222,11 @@ class ClosedFormEditor(WeightEditor):
                     zs = [compute_targets(model, tok, [r], layers[-1], cfg) for r in group]
                     z = torch.cat([x for x, _ in zs], dim=1)
                     info["target_losses"] += [i["target_losses"] for _, i in zs]
-                for i, l in enumerate(layers):
+                for i, (l, w) in enumerate(zip(layers, weights)):
                     K = compute_keys(model, tok, group, l, cfg)  # recomputed after earlier layers' updates
                     R = (z - layer_outputs(model, tok, group, layers[-1], cfg)) / (len(layers) - i)
                     delta = self.solve(R, K, covs[l].to(K.device))  # (H, d)
-                    with torch.no_grad():
-                        w = weights[l]
+                    with torch.no_grad():  # in place for the next layer's keys; scratch_weights undoes it
                         w.add_((delta.T if parts.spec.down_proj_transposed else delta).to(w.dtype))
-            deltas = {parts.name("down_proj", l) + ".weight": (weights[l].detach() - originals[l]) for l in layers}
-        finally:  # computing never leaves the model changed
-            with torch.no_grad():
-                for l, w in weights.items():
-                    w.copy_(originals[l])
+            deltas = {parts.name("down_proj", l) + ".weight": w.detach() - w0 for l, w, w0 in zip(layers, weights, originals)}
         return deltas, info

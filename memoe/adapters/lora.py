@@ -1,0 +1,73 @@
+"""Weight edits as standard PEFT LoRA adapters: keep a frozen base, stack or drop edits.
+
+A delta Δ (out, in) of rank r is written as Δ = B A with B = U_r S_r (out, r) and A = V_rᵀ (r, in) from its
+SVD, ``lora_alpha = r`` so PEFT's scaling is 1. The rank defaults to the number of edits (a closed-form edit
+of N facts has rank <= N per layer) and is capped at the layer width, where the factorisation is simply a
+dense, full-rank one. ``peft.PeftModel.from_pretrained(base, path)`` then reproduces the edited model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from memoe.io import atomic_path, save_tensors, write_json
+from memoe.models.arch import model_parts
+
+
+def factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B (out, r), A (r, in)) with B A the best rank-``rank`` approximation of ``delta`` (exact when rank >= rank(Δ))."""
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = min(rank, S.numel())
+    return (U[:, :r] * S[:r]).float(), Vh[:r].float()
+
+
+def save_lora(model, deltas: dict[str, torch.Tensor], path: str | os.PathLike, rank: int | None = None,
+              num_edits: int | None = None) -> Path:
+    """Write ``deltas`` (parameter name -> change, as ``EditResult.deltas``) as a PEFT LoRA adapter folder.
+
+    ``rank``: LoRA rank per module (default: ``num_edits``, else the delta's numerical rank), capped at the
+    layer width.
+    """
+    from peft import LoraConfig
+
+    parts = model_parts(model)
+    transposed = parts.spec.down_proj_transposed
+    tensors, modules, ranks = {}, [], {}
+    for name, delta in deltas.items():
+        if not name.endswith(".weight"):
+            raise ValueError(f"only weight deltas can be exported as LoRA, got {name!r}")
+        module = name[: -len(".weight")]
+        d = delta.T if transposed else delta  # (out, in)
+        width = min(d.shape)
+        r = rank or num_edits or int(torch.linalg.matrix_rank(d.double()).item()) or 1
+        r = min(r, width)
+        B, A = factorize(d, r)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = A
+        tensors[f"base_model.model.{module}.lora_B.weight"] = B
+        modules.append(module)
+        ranks[module] = r
+    first = next(iter(ranks.values()))
+    cfg = LoraConfig(
+        r=first, lora_alpha=first, target_modules=modules, lora_dropout=0.0, bias="none",
+        rank_pattern={m: r for m, r in ranks.items()}, alpha_pattern={m: r for m, r in ranks.items()},
+        fan_in_fan_out=transposed, base_model_name_or_path=getattr(model, "name_or_path", None) or None,
+        task_type="CAUSAL_LM",
+    )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_tensors(path / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    cfg_dict = cfg.to_dict()
+    cfg_dict = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg_dict.items()}
+    write_json(path / "adapter_config.json", cfg_dict)
+    return path
+
+
+def load_lora(base, path: str | os.PathLike):
+    """``peft.PeftModel.from_pretrained(base, path)``: the edit on top of an unedited base.
+    ``.unload()`` on the result gives the base back untouched."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(path))

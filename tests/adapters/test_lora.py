@@ -1,0 +1,39 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from memoe.adapters import factorize, load_lora
+from memoe.editors import make_editor
+
+
+def test_factorize_is_exact_at_the_delta_rank():
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(16, 3, generator=g) @ torch.randn(3, 40, generator=g)
+    B, A = factorize(d, 3)
+    assert B.shape == (16, 3) and A.shape == (3, 40)
+    assert torch.allclose(B @ A, d, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, extra", [("memit", {"layers": [0, 1], "mom2_update_weight": 10.0}), ("rome", {"layers": [0]})])
+def test_lora_round_trip(name, extra, tiny_testbed, tmp_path):
+    tb = tiny_testbed
+    reqs = [r.request for r in tb.dataset.records[:3]]
+    base = copy.deepcopy(tb.model)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    ids = torch.tensor([tb.tokenizer(reqs[0].text)["input_ids"]])
+    result = make_editor(name, overrides={"stats_samples": 2000, "stats_cache": str(tmp_path / "s"), **extra}).apply(tb.model, tb.tokenizer, reqs)
+    try:
+        edited = tb.model(ids).logits
+        out = result.save_lora(tmp_path / "adapter")
+    finally:
+        result.restore()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and set(cfg["rank_pattern"].values()) == {3}
+    peft_model = load_lora(base, out)
+    assert torch.allclose(peft_model(input_ids=ids).logits, edited, atol=1e-4)
+    assert not torch.allclose(tb.model(ids).logits, edited, atol=1e-3)
+    restored = peft_model.unload()
+    assert all(torch.equal(original[k], v) for k, v in restored.state_dict().items())
+    assert torch.equal(restored(ids).logits, tb.model(ids).logits)

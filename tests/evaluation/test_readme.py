@@ -1,0 +1,33 @@
+import json
+
+import pytest
+
+from memoe.evaluation.readme import main, replace_section
+
+
+def test_replace_section_needs_markers():
+    with pytest.raises(ValueError, match="results:evals"):
+        replace_section("no markers here", "evals", "x")
+    assert replace_section("a\n<!-- results:x -->\nold\n<!-- /results:x -->\nb", "x", "new") == \
+        "a\n<!-- results:x -->\nnew\n<!-- /results:x -->\nb"
+
+
+def test_readme_written_from_result_files(tmp_path):
+    report = {"name": "synthetic-9", "parameters": 1234, "build_seconds": 12.3, "storage_site": "subject position",
+              "recall": {"requests": {"recall": 0.99, "n": 9}, "heldout": {"recall": 0.8, "n": 9}},
+              "trace": {"effects": {"mlp": {"subject_last": [0.2, 0.0, 0.5], "prompt_last": [0.0, 0.1, 0.9]}}}}
+    metrics = {"cf_efficacy": 1.0, "cf_paraphrase": 0.5, "cf_neighbourhood": 0.75, "cf_score": 0.7}
+    result = {"pre": metrics, "dataset": {"name": "synthetic", "num_edits": 9},
+              "options": {"modes": ["batch"], "batch_sizes": [3]}, "pre_scoring": {"prompts_per_second": 100.0},
+              "runs": [{"editor": "ft", "mode": "batch", "batch_size": 3, "current": metrics, "final": None,
+                        "edits_per_second": 2.5, "peak_memory_mb": 512.0}]}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    (tmp_path / "e.json").write_text(json.dumps(result))
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n<!-- results:testbeds -->\n<!-- /results:testbeds -->\n<!-- results:evals -->\n<!-- /results:evals -->\n")
+    main(str(readme), [str(tmp_path / "r.json")], [str(tmp_path / "e.json")])
+    text = readme.read_text()
+    assert "| synthetic-9 | 1,234 | 12 | 0.990 | 0.800 |" in text
+    assert "+0.200 (0)" in text and "+0.100 (1)" in text  # last layer excluded from the peaks
+    assert "| ft batch b=3 (current) | 1.000 | 0.500 | 0.750 | 0.700 |" in text
+    assert "2.5 edits/s" in text
