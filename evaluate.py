@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         trace_main(cfg, args.trace_facts)
         return 0
     result = run_evaluation(cfg)
+    if result["testbed"]:
+        t = result["testbed"]
+        print(f"testbed {t['name']}: {t['parameters']:,} parameters, recall "
+              + ", ".join(f"{k} {v['recall']:.3f}" for k, v in t["recall"].items()) + f"; knowledge at the {t['storage_site']}")
     print(result["markdown"])
     print(f"\nscoring: {result['pre_scoring']['prompts_per_second']} prompts/s (pre-edit pass)")
     for r in result["runs"]:

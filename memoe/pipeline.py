@@ -88,7 +88,7 @@ def load_subject(cfg: EvalConfig):
     tb_cfg = load_config(TestbedConfig, path, {"data_path": cfg.data_path} if cfg.data_path else None)
     if tb_cfg.dataset != cfg.dataset:
         raise ValueError(f"testbed config {path} is for dataset {tb_cfg.dataset!r}, not {cfg.dataset!r}")
-    tb = build_testbed(tb_cfg, progress=cfg.progress)
+    tb = build_testbed(tb_cfg, progress=cfg.progress, verbose=False)  # callers print the report card if they want it
     if cfg.num_edits > len(tb.dataset):
         raise ValueError(f"--num-edits {cfg.num_edits} exceeds the {len(tb.dataset)} records the testbed knows")
     ds = EditDataset(tb.dataset.name, tb.dataset.records[: cfg.num_edits], tb.dataset.source, tb.dataset.meta)
