@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from memoe.config import ConfigError, load_config
+from memoe.data import RecordError
 from memoe.pipeline import DATASETS, EvalConfig, run_evaluation
 from memoe.evaluation.harness import MODES
 
@@ -87,10 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.trace:
-        trace_main(cfg, args.trace_facts)
-        return 0
-    result = run_evaluation(cfg)
+    try:
+        if args.trace:
+            trace_main(cfg, args.trace_facts)
+            return 0
+        result = run_evaluation(cfg)
+    except (ConfigError, FileNotFoundError, RecordError, KeyError, IndexError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if result["testbed"]:
         t = result["testbed"]
         print(f"testbed {t['name']}: {t['parameters']:,} parameters, recall "

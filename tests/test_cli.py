@@ -79,3 +79,10 @@ def test_train_main_job(cache, tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "recall requests" in text and "| pre-edit |" in text and "edits/s" in text
     assert json.loads(out.read_text())["runs"][0]["mode"] == "sequential-batch"
+
+
+def test_run_time_errors_are_reported_not_raised(cache, tmp_path, capsys):
+    rc = evaluate.main(["--editor", "nope", "--testbed-config", TINY, "--num-edits", "2", "--output", str(tmp_path / "x.json"), "--no-progress"])
+    assert rc == 2 and "unknown editor 'nope'" in capsys.readouterr().err
+    rc = evaluate.main(["--dataset", "counterfact", "--data-path", str(tmp_path / "missing.json"), "--no-progress"])
+    assert rc == 2 and "missing.json" in capsys.readouterr().err
