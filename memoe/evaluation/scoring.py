@@ -41,6 +41,15 @@ def encode_pairs(tok, prompts: list[str], targets: list[str]) -> tuple[list[list
     return p_ids, t_ids
 
 
+def target_index(p_ids: list[list[int]], t_ids: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
+    """Where each target token is predicted in the batch of ``prompt + target`` rows: (row, column, label)
+    for every target token, flattened; position j predicts token j + 1."""
+    rows = [b for b, t in enumerate(t_ids) for _ in t]
+    cols = [len(p) - 1 + j for p, t in zip(p_ids, t_ids) for j in range(len(t))]
+    labels = [x for t in t_ids for x in t]
+    return rows, cols, labels
+
+
 def pad_batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to a (B, T) id tensor and its attention mask."""
     width = max(len(s) for s in seqs)
@@ -79,12 +88,7 @@ def score_pairs(model: nn.Module, tok, prompts: list[str], targets: list[str], b
         seqs = [p_ids[i] + t_ids[i] for i in idx]
         ids, mask = pad_batch(seqs, tok.pad_token_id, device)
         hidden = final_hidden(model, ids, mask)  # (B, T, H)
-        rows, cols, labels = [], [], []
-        for b, i in enumerate(idx):
-            n_p, n_t = len(p_ids[i]), len(t_ids[i])
-            rows += [b] * n_t
-            cols += range(n_p - 1, n_p - 1 + n_t)  # position j predicts token j + 1
-            labels += t_ids[i]
+        rows, cols, labels = target_index([p_ids[i] for i in idx], [t_ids[i] for i in idx])
         logits = head(hidden[rows, cols]).float()  # (sum of target lengths, V)
         logp = torch.log_softmax(logits, dim=-1)
         labels_t = torch.tensor(labels, device=device)
@@ -119,9 +123,8 @@ def target_nll(model: nn.Module, tok, prompts: list[str], targets: list[str]) ->
     device, head = model_device(model), model.get_output_embeddings()
     ids, mask = pad_batch([p + t for p, t in zip(p_ids, t_ids)], tok.pad_token_id, device)
     hidden = final_hidden(model, ids, mask)
-    rows = [b for b, t in enumerate(t_ids) for _ in t]
-    cols = [len(p) - 1 + j for p, t in zip(p_ids, t_ids) for j in range(len(t))]
-    labels = torch.tensor([x for t in t_ids for x in t], device=device)
+    rows, cols, labels = target_index(p_ids, t_ids)
+    labels = torch.tensor(labels, device=device)
     tok_nll = torch.nn.functional.cross_entropy(head(hidden[rows, cols]).float(), labels, reduction="none")
     seg = torch.tensor(rows, device=device)
     counts = torch.bincount(seg, minlength=len(t_ids)).float()

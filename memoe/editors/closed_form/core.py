@@ -28,7 +28,7 @@ from memoe.config import bounds
 from memoe.data.records import EditRequest
 from memoe.editors.base import EditorConfig, WeightEditor, scratch_weights
 from memoe.editors.closed_form.stats import layer_stats
-from memoe.evaluation.scoring import encode_pairs, model_device, pad_batch
+from memoe.evaluation.scoring import encode_pairs, model_device, pad_batch, target_index
 from memoe.models.arch import model_parts
 from memoe.tokens import fact_position
 
@@ -127,9 +127,8 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
     rows_pos = torch.tensor(positions + kl_pos, device=device)
     rows_own = torch.tensor(owner + list(range(N)), device=device)
     # Target-token positions and labels for the NLL
-    tr = [b for b, t in enumerate(t_ids) for _ in t]
-    tc = [len(p) - 1 + j for p, t in zip(p_ids, t_ids) for j in range(len(t))]
-    labels = torch.tensor([x for t in t_ids for x in t], device=device)
+    tr, tc, labels = target_index(p_ids, t_ids)
+    labels = torch.tensor(labels, device=device)
     tok_row = torch.tensor(tr, device=device)
     per_row = torch.bincount(tok_row, minlength=n_rows)  # target tokens per row
     prompt_owner = torch.tensor(owner, device=device)
