@@ -18,6 +18,7 @@ A method is then only its solve and its config (``rome.py``, ``memit.py``, ``emm
 
 from __future__ import annotations
 
+import weakref
 from abc import abstractmethod
 from dataclasses import dataclass, field
 
@@ -195,8 +196,16 @@ class ClosedFormEditor(WeightEditor):
         """(H, d) update from residuals R (H, N), keys K (d, N) and C0 (d, d), all float64."""
 
     def stats(self, model, tok, layer: int) -> torch.Tensor:
-        cfg = self.config
-        return layer_stats(model, tok, layer, cfg.stats_corpus, cfg.stats_samples, cfg.stats_cache, progress=False)
+        """C0 of ``layer``, from the model as it was when this editor first saw it. Held in memory per model:
+        in sequential modes the edited weights change the model fingerprint, and C0 must stay the unedited
+        model's statistics (not be recomputed, and re-cached, after every batch)."""
+        if not hasattr(self, "_c0"):
+            self._c0: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        per_layer = self._c0.setdefault(model, {})
+        if layer not in per_layer:
+            cfg = self.config
+            per_layer[layer] = layer_stats(model, tok, layer, cfg.stats_corpus, cfg.stats_samples, cfg.stats_cache, progress=False)
+        return per_layer[layer]
 
     def compute_deltas(self, model, tok, requests: list[EditRequest]):
         cfg: ClosedFormConfig = self.config

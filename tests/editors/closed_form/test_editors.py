@@ -83,3 +83,17 @@ def test_wrong_covariance_shape_is_named(tiny_testbed, monkeypatch):
     with pytest.raises(ValueError, match="covariance for layer 0 has shape \\(3, 3\\)"):
         ed.apply(tb.model, tb.tokenizer, [tb.dataset[0].request])
     assert all(torch.equal(before[k], v) for k, v in tb.model.state_dict().items())
+
+
+def test_c0_stays_the_unedited_models_across_sequential_edits(tiny_testbed, tmp_path):
+    tb = tiny_testbed
+    ed = make_editor("memit", overrides={**FAST, "layers": [0, 1], "stats_cache": str(tmp_path)})
+    c_before = ed.stats(tb.model, tb.tokenizer, 1).clone()
+    r1 = ed.apply(tb.model, tb.tokenizer, [tb.dataset[0].request])
+    try:
+        assert torch.equal(ed.stats(tb.model, tb.tokenizer, 1), c_before)  # the edited model is not re-measured
+        r2 = ed.apply(tb.model, tb.tokenizer, [tb.dataset[1].request])
+        r2.restore()
+    finally:
+        r1.restore()
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2  # layers 0 and 1, written once each
