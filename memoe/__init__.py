@@ -6,10 +6,12 @@ The public API in one place::
     tb = build_testbed()                                   # or memoe.load_model("/path/to/Meta-Llama-3-8B")
     result = make_editor("rome").apply(tb.model, tb.tokenizer, [EditRequest("{} speaks", "Kalo Mira", "Welsh")])
     result.restore()                                       # the exact original model again
+    memoe.attach(model, "runs/memoe-adapter")              # a trained MEMoE adapter beside a frozen base
 """
 
 __version__ = "0.1.0"
 
+from memoe.adapters import attach, detach, load_adapter  # noqa: E402
 from memoe.data import EditRecord, EditRequest, load_edit_dataset  # noqa: E402
 from memoe.editors import REGISTRY, EditResult, Editor, make_editor  # noqa: E402
 from memoe.models import load_model, model_parts  # noqa: E402
@@ -18,5 +20,5 @@ from memoe.trace import causal_trace  # noqa: E402
 
 __all__ = [
     "REGISTRY", "EditRecord", "EditRequest", "EditResult", "Editor", "TestbedConfig", "build_testbed", "causal_trace",
-    "load_edit_dataset", "load_model", "make_editor", "model_parts",
+    "attach", "detach", "load_adapter", "load_edit_dataset", "load_model", "make_editor", "model_parts",
 ]

@@ -72,13 +72,39 @@ def test_trace_tool(cache, tmp_path, capsys):
     assert "MLP peak" in capsys.readouterr().out
 
 
-def test_train_main_job(cache, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("memoe.pipeline.testbed_config_path", lambda dataset: Path(TINY))
-    out = tmp_path / "train.json"
-    assert train.main(["--num-edits", "4", "--batch-size", "2", "--output", str(out), "--no-progress"]) == 0
+def train_args(tmp_path, *extra):
+    return ["--testbed-config", TINY, "--num-edits", "6", "--output-dir", str(tmp_path / "ad"), "--no-progress",
+            "--editor-config", str(tmp_path / "m.yaml"), "--log-dir", str(tmp_path / "logs"), *extra]
+
+
+@pytest.fixture
+def memoe_yaml(tmp_path):
+    (tmp_path / "m.yaml").write_text("adapter: {layers: [0], num_experts: 4, rank: 16, scope: after_anchor}\ntrain: {lr: 0.02, max_steps: 120}\n")
+
+
+def test_train_main_job_saves_and_scores_an_adapter(cache, tmp_path, capsys, memoe_yaml):
+    assert train.main(train_args(tmp_path)) == 0
     text = capsys.readouterr().out
-    assert "recall requests" in text and "| pre-edit |" in text and "edits/s" in text
-    assert json.loads(out.read_text())["runs"][0]["mode"] == "sequential-batch"
+    assert "recall requests" in text and "| pre-edit |" in text and "memoe, gate on" in text and "edits/s" in text
+    res = json.loads((tmp_path / "ad" / "metrics.json").read_text())
+    assert res["adapter"]["gate on"]["cf_efficacy"] == 1.0 and res["train"]["devices"] == 1
+    assert (tmp_path / "ad" / "adapter_model.safetensors").exists()
+    assert list((tmp_path / "logs").rglob("metrics.csv"))  # the CSV logger is on by default
+
+
+def test_train_with_ddp_on_two_cpu_processes(cache, tmp_path, memoe_yaml):
+    """The distributed path for real: Lightning launches a second process running train.py."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "MEMOE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *train_args(tmp_path, "--strategy", "ddp", "--devices", "2",
+                           "--accelerator", "cpu")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "ad" / "metrics.json").read_text())
+    assert res["train"]["devices"] == 2 and res["train"]["strategy"] == "DDPStrategy"
+    assert res["adapter"]["gate on"]["cf_efficacy"] == 1.0  # the same quality as one process (previous test)
+    assert res["adapter"]["gate on"]["cf_neighbourhood"] >= res["pre"]["cf_neighbourhood"] - 0.05
 
 
 def test_run_time_errors_are_reported_not_raised(cache, tmp_path, capsys):

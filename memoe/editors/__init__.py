@@ -5,7 +5,9 @@ from __future__ import annotations
 from memoe.config import load_config
 from memoe.editors.base import EditResult, Editor, EditorConfig, WeightEditor, apply_deltas, validate_requests
 from memoe.editors.closed_form import EMMETEditor, MEMITEditor, ROMEEditor
+from memoe.editors.coachhook import CoachHooKEditor
 from memoe.editors.ft import FTConfig, FTEditor
+from memoe.editors.memoe import MEMoEEditor
 
 #: name -> editor class. Add a method by adding a line here.
 REGISTRY: dict[str, type[Editor]] = {
@@ -13,6 +15,8 @@ REGISTRY: dict[str, type[Editor]] = {
     ROMEEditor.name: ROMEEditor,
     MEMITEditor.name: MEMITEditor,
     EMMETEditor.name: EMMETEditor,
+    MEMoEEditor.name: MEMoEEditor,
+    CoachHooKEditor.name: CoachHooKEditor,
 }
 
 

@@ -66,6 +66,22 @@ def evals_section(results: list[tuple[str, dict]]) -> str:
     return "\n\n".join(parts)
 
 
+def adapters_section(results: list[tuple[str, dict]]) -> str:
+    """``train.py`` results (``<adapter>/metrics.json``): the base beside the adapter, gate on and off."""
+    parts = []
+    for path, res in results:
+        t = MetricsTable()
+        t.add("pre-edit", res["pre"])
+        for label, m in res["adapter"].items():
+            t.add(f"memoe, {label}", m)
+        cols = tuple(c for c in EVAL_COLUMNS if any(m.get(c) is not None for _, m in t.rows))
+        tr = res["train"]
+        parts.append(f"**{res['dataset']['name']}, {res['dataset']['num_edits']} edits** (`{path}`):\n\n{t.markdown(cols)}\n\n"
+                     f"Training: {tr['steps']} steps in {tr['seconds']} s ({tr['edits_per_second']} edits/s) on "
+                     f"{tr['devices']} device(s), peak resident memory {res['peak_rss_mb']:.0f} MiB.")
+    return "\n\n".join(parts)
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pattern.search(text):
@@ -73,12 +89,14 @@ def replace_section(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
 
 
-def main(readme: str, testbeds: list[str], evals: list[str]) -> None:
+def main(readme: str, testbeds: list[str], evals: list[str], adapters: list[str] | None = None) -> None:
     text = Path(readme).read_text()
     if testbeds:
         text = replace_section(text, "testbeds", testbeds_section([json.loads(Path(p).read_text()) for p in testbeds]))
     if evals:
         text = replace_section(text, "evals", evals_section([(p, json.loads(Path(p).read_text())) for p in evals]))
+    if adapters:
+        text = replace_section(text, "adapters", adapters_section([(p, json.loads(Path(p).read_text())) for p in adapters]))
     write_text(readme, text)
 
 
@@ -87,5 +105,6 @@ if __name__ == "__main__":
     ap.add_argument("--readme", default="README.md", help="file to update (default: README.md)")
     ap.add_argument("--testbeds", nargs="*", default=[], help="testbed report.json files")
     ap.add_argument("--evals", nargs="*", default=[], help="evaluate.py result JSON files")
+    ap.add_argument("--adapters", nargs="*", default=[], help="train.py metrics.json files")
     a = ap.parse_args()
-    main(a.readme, a.testbeds, a.evals)
+    main(a.readme, a.testbeds, a.evals, a.adapters)

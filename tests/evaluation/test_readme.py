@@ -31,3 +31,16 @@ def test_readme_written_from_result_files(tmp_path):
     assert "+0.200 (0)" in text and "+0.100 (1)" in text  # last layer excluded from the peaks
     assert "| ft batch b=3 (current) | 1.000 | 0.500 | 0.750 | 0.700 |" in text
     assert "2.5 edits/s" in text
+
+
+def test_adapter_section_from_train_metrics(tmp_path):
+    m = lambda e: {"cf_efficacy": e, "cf_paraphrase": 0.5, "cf_neighbourhood": 0.75, "cf_score": 0.7}  # noqa: E731
+    res = {"pre": m(0.0), "dataset": {"name": "synthetic", "num_edits": 9}, "adapter": {"gate on": m(1.0), "gate off": m(0.9)},
+           "train": {"steps": 40, "seconds": 12.5, "edits_per_second": 0.72, "devices": 1}, "peak_rss_mb": 700.0}
+    (tmp_path / "metrics.json").write_text(json.dumps(res))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:adapters -->\n<!-- /results:adapters -->\n")
+    main(str(readme), [], [], [str(tmp_path / "metrics.json")])
+    text = readme.read_text()
+    assert "| memoe, gate on | 1.000 | 0.500 | 0.750 | 0.700 |" in text and "| memoe, gate off | 0.900 |" in text
+    assert "40 steps in 12.5 s (0.72 edits/s)" in text

@@ -31,10 +31,7 @@ from memoe.editors.base import EditorConfig, WeightEditor, scratch_weights
 from memoe.editors.closed_form.stats import layer_stats
 from memoe.evaluation.scoring import encode_pairs, model_device, pad_batch, target_index
 from memoe.models.arch import model_parts
-from memoe.tokens import fact_position
-
-#: Short neutral sentences the keys and targets are averaged over (plus the bare prompt).
-DEFAULT_PREFIXES = ["The market was busy.", "It rained all day.", "A new bridge opened.", "Tea is served at four."]
+from memoe.tokens import DEFAULT_PREFIXES, fact_position, prefixed
 
 
 @dataclass
@@ -67,10 +64,6 @@ class ClosedFormConfig(EditorConfig):
     """Tokens in the C0 estimate."""
     stats_cache: str | None = None
     """Cache folder for C0 (default: ``$MEMOE_CACHE`` or ``.cache/memoe``)."""
-
-
-def prefixed(prompt: str, prefixes: list[str]) -> list[str]:
-    return [prompt] + [f"{p} {prompt}" for p in prefixes]
 
 
 def _layer_out(parts, layer: int) -> str:
@@ -184,16 +177,8 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
     return z, {"target_losses": losses, "target_steps": len(losses), "target_nll": [round(x, 4) for x in req_nll.tolist()]}
 
 
-class ClosedFormEditor(WeightEditor):
-    """ROME, MEMIT and EMMET: the shared pipeline; subclasses give :meth:`solve` (and may edit one at a time)."""
-
-    Config = ClosedFormConfig
-    #: ROME writes one fact at a time: a batch is applied as consecutive single edits.
-    one_at_a_time: bool = False
-
-    @abstractmethod
-    def solve(self, R: torch.Tensor, K: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-        """(H, d) update from residuals R (H, N), keys K (d, N) and C0 (d, d), all float64."""
+class C0Memo:
+    """Per-model, in-memory C0 for editors built on this core (closed-form editors, CoachHooK)."""
 
     def stats(self, model, tok, layer: int) -> torch.Tensor:
         """C0 of ``layer``, from the model as it was when this editor first saw it. Held in memory per model:
@@ -207,34 +192,72 @@ class ClosedFormEditor(WeightEditor):
             per_layer[layer] = layer_stats(model, tok, layer, cfg.stats_corpus, cfg.stats_samples, cfg.stats_cache, progress=False)
         return per_layer[layer]
 
-    def compute_deltas(self, model, tok, requests: list[EditRequest]):
-        cfg: ClosedFormConfig = self.config
+    def layer_covs(self, model, tok, layers: list[int]) -> dict[int, torch.Tensor]:
+        """C0 per edit layer, each checked against the layer's input width."""
         parts = model_parts(model)
-        layers = sorted(parts.check_layer(l) for l in cfg.layers)
-        if not layers or len(set(layers)) != len(layers):
-            raise ValueError(f"edit layers must be distinct and at least one, got {cfg.layers}")
-        weights = [parts.module("down_proj", l).weight for l in layers]
         covs = {l: self.stats(model, tok, l) for l in layers}
         for l, C in covs.items():
             d = parts.down_proj_weight(l).shape[1]
             if C.shape != (d, d):
                 raise ValueError(f"covariance for layer {l} has shape {tuple(C.shape)}, expected ({d}, {d})")
+        return covs
+
+
+def edit_layers(cfg: ClosedFormConfig, layers: list[int]) -> list[int]:
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"edit layers must be distinct and at least one, got {cfg.layers}")
+    return layers
+
+
+def spread_over_layers(model, tok, requests, layers: list[int], cfg: ClosedFormConfig, z: torch.Tensor, solve, write) -> None:
+    """MEMIT's layer loop: for each edit layer (ascending) keys K (d, N), the residual R (H, N) of the targets z
+    against the last edit layer's output, divided by the layers left, ``delta = solve(layer, R, K)`` and
+    ``write(layer, delta, K)``, which must put the update in place before the next layer's keys are read."""
+    for i, l in enumerate(layers):
+        K = compute_keys(model, tok, requests, l, cfg)  # recomputed after earlier layers' updates
+        R = (z - layer_outputs(model, tok, requests, layers[-1], cfg)) / (len(layers) - i)
+        write(l, solve(l, R, K), K)
+
+
+def batch_targets(model, tok, requests, layer: int, cfg: ClosedFormConfig, info: dict) -> torch.Tensor:
+    """(H, N) targets for ``requests``: one joint optimisation, or one per request (``batched_targets: false``)."""
+    if cfg.batched_targets:
+        z, inf = compute_targets(model, tok, requests, layer, cfg)
+        info.setdefault("target_losses", []).append(inf["target_losses"])
+        return z
+    zs = [compute_targets(model, tok, [r], layer, cfg) for r in requests]
+    info.setdefault("target_losses", []).extend(i["target_losses"] for _, i in zs)
+    return torch.cat([x for x, _ in zs], dim=1)
+
+
+class ClosedFormEditor(C0Memo, WeightEditor):
+    """ROME, MEMIT and EMMET: the shared pipeline; subclasses give :meth:`solve` (and may edit one at a time)."""
+
+    Config = ClosedFormConfig
+    #: ROME writes one fact at a time: a batch is applied as consecutive single edits.
+    one_at_a_time: bool = False
+
+    @abstractmethod
+    def solve(self, R: torch.Tensor, K: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """(H, d) update from residuals R (H, N), keys K (d, N) and C0 (d, d), all float64."""
+
+    def compute_deltas(self, model, tok, requests: list[EditRequest]):
+        cfg: ClosedFormConfig = self.config
+        parts = model_parts(model)
+        layers = edit_layers(cfg, sorted(parts.check_layer(l) for l in cfg.layers))
+        weights = {l: parts.module("down_proj", l).weight for l in layers}
+        covs = self.layer_covs(model, tok, layers)
         info: dict = {"target_losses": [], "layers": layers}
         groups = [[r] for r in requests] if self.one_at_a_time else [requests]
-        with scratch_weights(weights) as originals:
+
+        def write(l, delta, K):
+            w = weights[l]
+            with torch.no_grad():  # in place for the next layer's keys; scratch_weights undoes it
+                w.add_((delta.T if parts.spec.down_proj_transposed else delta).to(w.dtype))
+
+        with scratch_weights(list(weights.values())) as originals:
             for group in groups:
-                if cfg.batched_targets:
-                    z, inf = compute_targets(model, tok, group, layers[-1], cfg)
-                    info["target_losses"].append(inf["target_losses"])
-                else:
-                    zs = [compute_targets(model, tok, [r], layers[-1], cfg) for r in group]
-                    z = torch.cat([x for x, _ in zs], dim=1)
-                    info["target_losses"] += [i["target_losses"] for _, i in zs]
-                for i, (l, w) in enumerate(zip(layers, weights)):
-                    K = compute_keys(model, tok, group, l, cfg)  # recomputed after earlier layers' updates
-                    R = (z - layer_outputs(model, tok, group, layers[-1], cfg)) / (len(layers) - i)
-                    delta = self.solve(R, K, covs[l].to(K.device))  # (H, d)
-                    with torch.no_grad():  # in place for the next layer's keys; scratch_weights undoes it
-                        w.add_((delta.T if parts.spec.down_proj_transposed else delta).to(w.dtype))
-            deltas = {parts.name("down_proj", l) + ".weight": w.detach() - w0 for l, w, w0 in zip(layers, weights, originals)}
+                z = batch_targets(model, tok, group, layers[-1], cfg, info)
+                spread_over_layers(model, tok, group, layers, cfg, z, lambda l, R, K: self.solve(R, K, covs[l].to(K.device)), write)
+            deltas = {parts.name("down_proj", l) + ".weight": weights[l].detach() - w0 for l, w0 in zip(layers, originals)}
         return deltas, info

@@ -1,0 +1,131 @@
+"""MEMoE (Wang & Li, 2024): a mixture of experts beside a frozen FFN, routed by knowledge anchor.
+
+For the MLP input x_t of token t and the input a_t at the last token of its knowledge anchor (the entity
+the text is about, see :mod:`memoe.adapters.anchors`):
+
+    h_t = FFN(x_t) + λ Σ_{e in top-k} G_e(x_t, a_t) E_e(x_t)
+    G(x, a) = softmax over the top-k of  W_r [x ; a] (+ noise · softplus(W_n [x ; a]) in training)
+
+From the paper: the form above, a noisy top-k gate on the token state concatenated with the anchor embedding,
+and one MoE beside one FFN. **Our choices** (the paper does not publish them): experts are low-rank linear
+maps E_e(x) = B_e A_e x with B_e = 0 at start (so an untrained adapter is exactly the base), or full-rank
+E_e(x) = W_e x (``rank: null``, W_e = 0 at start); the anchor embedding is the layer's own input at the anchor's
+last token (contextual, so ordered names like "Kalo Mira" / "Mira Kalo" differ); a token before any anchor
+has none; with ``gate_unanchored`` the bypass is exactly zero on tokens with no anchor (the locality lever);
+the load-balancing term is the Switch Transformer's E · Σ_e f_e P_e over anchored tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memoe.adapters.bypass import BypassAdapter, BypassLayer, RoutingContext
+from memoe.config import bounds
+
+
+@dataclass
+class MEMoEConfig:
+    """The adapter's shape (saved in ``adapter_config.json``)."""
+
+    layers: list[int] = field(default_factory=lambda: [1])
+    """Layers whose MLP gets a MoE beside it (the paper uses one)."""
+    num_experts: int = field(default=4, metadata=bounds(1, 1024))
+    """Experts per layer."""
+    top_k: int = field(default=2, metadata=bounds(1, 1024))
+    """Experts each token is sent to; their gates are a softmax over these k and sum to one."""
+    rank: int | None = field(default=16, metadata=bounds(1))
+    """Rank of each low-rank expert B_e A_e; null: full-rank experts W_e (hidden x hidden)."""
+    scale: float = field(default=1.0, metadata=bounds(0.0))
+    """λ, the weight of the bypass output."""
+    router_noise: float = field(default=1.0, metadata=bounds(0.0))
+    """Scale of the noisy top-k gate's learned noise in training (0: none); inference is always noise-free."""
+    use_anchor: bool = True
+    """Concatenate the anchor embedding to the router input (False: a plain token router, for ablation)."""
+    gate_unanchored: bool = True
+    """Output exactly the base FFN on tokens with no known anchor before them (the locality lever)."""
+    scope: str = field(default="anchor", metadata=bounds(choices=("anchor", "after_anchor")))
+    """Anchored tokens: only each anchor's last token (the entity's representation is edited, as ROME's
+    subject-position edit), or that token and every token after it."""
+    init_std: float = field(default=0.02, metadata=bounds(0.0))
+    """Standard deviation of A_e and of the router weights at initialisation."""
+
+
+class MoELayer(BypassLayer):
+    """The experts and router of one layer. Shapes: x (B, T, H); A (E, r, H); B (E, H, r); W_r (E, 2H)."""
+
+    def __init__(self, hidden: int, cfg: MEMoEConfig):
+        super().__init__()
+        if cfg.top_k > cfg.num_experts:
+            raise ValueError(f"top_k={cfg.top_k} exceeds num_experts={cfg.num_experts}")
+        self.cfg = cfg
+        E, r = cfg.num_experts, cfg.rank
+        gen = torch.Generator().manual_seed(0)  # fixed init; training randomness comes from the seed
+        if r is None:
+            self.W = nn.Parameter(torch.zeros(E, hidden, hidden))
+        else:
+            self.A = nn.Parameter(torch.randn(E, r, hidden, generator=gen) * cfg.init_std)
+            self.B = nn.Parameter(torch.zeros(E, hidden, r))
+        router_in = 2 * hidden if cfg.use_anchor else hidden
+        self.router = nn.Parameter(torch.randn(E, router_in, generator=gen) * cfg.init_std)
+        self.noise = nn.Parameter(torch.zeros(E, router_in))
+        self.aux_loss: torch.Tensor | None = None  # load-balancing loss of the last training forward
+        self.last_gates: torch.Tensor | None = None  # (B, T, E) gate weights of the last forward (zeros off top-k)
+        self.noise_generator: torch.Generator | None = None  # set by the trainer for reproducible noise
+
+    def gates(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, E) dense gate weights (softmax over the top-k, zero elsewhere) and (B, T, E) router probs."""
+        inp = torch.cat([x, a], -1) if self.cfg.use_anchor else x
+        logits = inp @ self.router.T  # (B, T, E)
+        if self.training and self.cfg.router_noise > 0:
+            eps = torch.randn(logits.shape, generator=self.noise_generator, device="cpu").to(logits.device)
+            logits = logits + self.cfg.router_noise * eps * F.softplus(inp @ self.noise.T)
+        top, idx = logits.topk(self.cfg.top_k, dim=-1)  # (B, T, k)
+        dense = torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, -1))
+        return dense, torch.softmax(logits, -1)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        xf = x.float()
+        a = ctx.anchor_inputs(self.key, xf) if self.cfg.use_anchor else None
+        g, probs = self.gates(xf, a)  # (B, T, E)
+        mask = ctx.anchored(self.cfg.scope == "anchor") if self.cfg.gate_unanchored else torch.ones_like(ctx.anchor_pos, dtype=torch.bool)
+        g = g * mask[..., None].to(g.dtype)
+        self.last_gates = g.detach()
+        if self.cfg.rank is None:
+            y = torch.einsum("bte,eoh,bth->bto", g, self.W, xf)
+        else:
+            low = torch.einsum("bth,erh->bter", xf, self.A) * g[..., None]  # (B, T, E, r)
+            y = torch.einsum("bter,ehr->bth", low, self.B)  # (B, T, H)
+        if self.training:
+            self.aux_loss = self.balance_loss(g, probs, mask)
+        return out + (self.cfg.scale * y).to(out.dtype)
+
+    def balance_loss(self, g: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Switch load balancing E · Σ_e f_e P_e over anchored tokens (1.0 when perfectly balanced)."""
+        m = mask.reshape(-1)
+        if not m.any():
+            return probs.sum() * 0.0
+        E = probs.shape[-1]
+        top1 = F.one_hot(g.reshape(-1, E)[m].argmax(-1), E).float()  # (n, E)
+        return E * (top1.mean(0) * probs.reshape(-1, E)[m].mean(0)).sum()
+
+
+class MEMoEAdapter(BypassAdapter):
+    method = "memoe"
+    Config = MEMoEConfig
+    target = "mlp"
+
+    def build_layer(self, layer: int) -> MoELayer:
+        return MoELayer(self.base_info["hidden_size"], self.config)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        losses = [l.aux_loss for l in self.layers.values() if l.aux_loss is not None]
+        return torch.stack(losses).mean() if losses else None
+
+    def add_anchors(self, tok, texts: list[str]) -> None:
+        """Make ``texts`` known anchors (the trained subjects, or a user's entity list)."""
+        for t in texts:
+            self.trie.add(tok, t)

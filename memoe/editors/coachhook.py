@@ -1,0 +1,145 @@
+"""The ``coachhook`` editor: consecutive batch editing into fixed-size hook layers (Li et al., EMNLP 2024).
+
+Batch t of edits, with the hooks of batches < t attached and *forced* on at every token (the temporary hook):
+
+1. targets z and keys K_t as in MEMIT (:mod:`memoe.editors.closed_form.core`, no second copy), the residual R_t
+   of the targets against the current hooks, spread over the edit layers;
+2. per layer the recursive least-squares update (``update: closed_form``)
+
+       ΔD = R_t K_tᵀ (λ C0 + Σ_{s<t} K_s K_sᵀ + K_t K_tᵀ)⁻¹,   then Σ K Kᵀ += K_t K_tᵀ
+
+   which equals MEMIT's solve over the union of all batches so far; or (``update: lightning``) D is trained
+   with the same Lightning module as MEMoE on the batch's target NLL plus a C0 preservation penalty;
+3. α of each layer drops to the smallest, over the batch's edit prompts, of the prompt's largest z-score, so
+   every edit prompt fires somewhere.
+
+The base weights never change; ``restore()`` rewinds the hook memory (or detaches hooks the edit created).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from memoe import nethook
+from memoe.adapters.bypass import attached
+from memoe.adapters.hooks import CoachHooKAdapter, HookConfig, scope_zscores
+from memoe.config import bounds
+from memoe.data.records import EditRequest
+from memoe.editors.base import Editor, EditResult
+from memoe.editors.closed_form.core import C0Memo, ClosedFormConfig, batch_targets, edit_layers, spread_over_layers
+from memoe.editors.closed_form.solves import memit_solve
+from memoe.evaluation.scoring import model_device, pad_batch
+from memoe.models.arch import model_parts
+from memoe.training import TrainConfig, TrainerOptions, fit_adapter
+
+
+@dataclass
+class CoachHooKConfig(ClosedFormConfig):
+    mom2_update_weight: float = field(default=1e4, metadata=bounds(0.0))
+    """λ: weight of preserving C0 in the recursive solve."""
+    alpha_init: float = field(default=2.2, metadata=bounds(0.0))
+    """Initial z-score threshold of the editing scope."""
+    scope_gate: bool = True
+    """Local editing scope (False: hooks act at every token)."""
+    update: str = field(default="closed_form", metadata=bounds(choices=("closed_form", "lightning")))
+    """How a batch is written into the hooks: the recursive closed form, or gradient training with Lightning."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(kl_factor=0.0, aux_factor=1.0))
+    """``update: lightning``: the training options (``aux_factor`` weighs the C0 preservation penalty)."""
+    trainer: TrainerOptions = field(default_factory=TrainerOptions)
+    """``update: lightning``: Lightning Trainer options."""
+
+
+def rls_update(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, cov: torch.Tensor, lam: float) -> torch.Tensor:
+    """ΔD = R Kᵀ (λ C0 + cov + K Kᵀ)⁻¹ (float64), written as MEMIT's solve with C = C0 + cov / λ."""
+    if lam <= 0:
+        raise ValueError(f"mom2_update_weight must be > 0 for the recursive solve, got {lam}")
+    return memit_solve(R, K, C0.double() + cov.double() / lam, lam)
+
+
+@torch.no_grad()
+def prompt_peak_zscores(model, tok, adapter: CoachHooKAdapter, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
+    """Per hook layer, (N,) the largest scope z-score over the tokens of each request's prompt."""
+    parts = model_parts(model)
+    names = {key: parts.name("down_proj", int(key)) for key in adapter.layers}
+    ids, mask = pad_batch(tok([r.text for r in requests], add_special_tokens=True)["input_ids"], tok.pad_token_id, model_device(model))
+    with nethook.capture(model, list(names.values()), inputs=True) as store:
+        model.base_model(input_ids=ids, attention_mask=mask)
+    out = {}
+    for key, name in names.items():
+        m = (store[name].float() @ adapter.layers[key].delta.T).norm(dim=-1)  # (B, T)
+        out[key] = scope_zscores(m.double(), mask.bool()).max(1).values
+    return out
+
+
+class CoachHooKEditor(C0Memo, Editor):
+    name = "coachhook"
+    Config = CoachHooKConfig
+
+    def adapter(self, model) -> CoachHooKAdapter | None:
+        """The hook memory attached to ``model`` (one made by any editor, or loaded), if any."""
+        return next((a for a in attached(model) if isinstance(a, CoachHooKAdapter)), None)
+
+    def _apply(self, model, tok, requests: list[EditRequest]) -> EditResult:
+        cfg: CoachHooKConfig = self.config
+        parts = model_parts(model)
+        layers = edit_layers(cfg, sorted(parts.check_layer(l) for l in cfg.layers))
+        adapter = self.adapter(model)
+        created = adapter is None
+        if created:
+            hook_cfg = HookConfig(layers=layers, alpha_init=cfg.alpha_init, scope_gate=cfg.scope_gate)
+            adapter = CoachHooKAdapter.create(model, tok, hook_cfg).attach(model)
+        elif sorted(int(k) for k in adapter.layers) != layers:
+            raise ValueError(f"the attached hooks are at layers {sorted(int(k) for k in adapter.layers)}, "
+                             f"this editor's config edits {layers}")
+        before = {k: v.clone() for k, v in adapter.state_dict().items()}
+        with adapter.disabled():
+            covs = self.layer_covs(model, tok, layers)  # the unedited base's statistics
+        info: dict = {"layers": layers}
+        hooks = {l: adapter.layers[str(l)] for l in layers}
+        with adapter.forced():
+            if cfg.update == "closed_form":
+                z = batch_targets(model, tok, requests, layers[-1], cfg, info)
+
+                def solve(l, R, K):
+                    return rls_update(R, K, covs[l].to(K.device), hooks[l].cov, cfg.mom2_update_weight)
+
+                def write(l, delta, K):
+                    with torch.no_grad():
+                        hooks[l].delta.add_(delta.to(hooks[l].delta.dtype))
+                        hooks[l].cov.add_(K @ K.T)
+
+                spread_over_layers(model, tok, requests, layers, cfg, z, solve, write)
+            else:
+                self._train(model, tok, adapter, requests, layers, covs, info)
+        peaks = prompt_peak_zscores(model, tok, adapter, requests)
+        with torch.no_grad():
+            for key, z in peaks.items():
+                adapter.layers[key].alpha.copy_(torch.minimum(adapter.layers[key].alpha, z.min().to(torch.float64)))
+        info["alpha"] = {k: round(float(l.alpha), 4) for k, l in adapter.layers.items()}
+
+        def undo():
+            if created:
+                adapter.detach()
+            else:
+                adapter.load_state_dict(before)
+
+        return EditResult(editor=self.name, requests=list(requests), modules=[adapter], info=info, _undo=[undo])
+
+    def _train(self, model, tok, adapter, requests, layers, covs, info) -> None:
+        """The gradient-trained variant: D learns the batch's targets; the C0 penalty keeps other keys' outputs."""
+        from memoe.editors.closed_form.core import compute_keys
+
+        cfg: CoachHooKConfig = self.config
+        adapter.preserve = {str(l): (covs[l].float().to(model_device(model)), adapter.layers[str(l)].delta.detach().clone()) for l in layers}
+        try:
+            res = fit_adapter(model, tok, adapter, requests, copy.deepcopy(cfg.train), cfg.trainer)
+        finally:
+            adapter.preserve = None
+        info.update(steps=res["steps"], worst_nll=res["worst_nll"])
+        with torch.no_grad():
+            for l in layers:
+                K = compute_keys(model, tok, requests, l, cfg)
+                adapter.layers[str(l)].cov.add_(K @ K.T)

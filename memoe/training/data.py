@@ -1,0 +1,106 @@
+"""Training rows for bypass adapters: edit requests teacher-forced, prompt tokens masked, anchors given.
+
+Each request gives one *edit row* per context prefix (the bare prompt plus each prefix: the prefix
+augmentation) whose loss is the new target's NLL, and one *KL row* per KL template ("{} is a") whose loss keeps
+the base model's next-token distributions from the subject's last token on. Every row carries its subject
+span, the knowledge anchor the router is trained with. Rows are shuffled once with the seed; the batch of
+global step s is then rows [(s·W + r)·B, (s·W + r + 1)·B) read cyclically (W processes, rank r, B rows), a
+function of the step alone, so a run resumed from a checkpoint sees exactly the batches of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from memoe.data.records import EditRequest
+from memoe.evaluation.scoring import encode_pairs, pad_batch, target_index
+from memoe.tokens import prefixed, subject_span
+
+
+@dataclass
+class Row:
+    ids: list[int]
+    span: tuple[int, int]
+    """[start, end) of the subject (the anchor) in ``ids``."""
+    kind: str
+    """``edit`` (target NLL on the last ``n_target`` tokens) or ``kl`` (KL from the anchor's last token on)."""
+    n_target: int = 0
+    request: int = 0
+
+
+def build_rows(tok, requests: list[EditRequest], prefixes: list[str], kl_templates: list[str], seed: int = 0) -> list[Row]:
+    rows: list[Row] = []
+    for i, r in enumerate(requests):
+        templates = prefixed(r.prompt, prefixes)
+        p_ids, t_ids = encode_pairs(tok, [t.replace("{}", r.subject) for t in templates], [r.target_new] * len(templates))
+        for tpl, p, t in zip(templates, p_ids, t_ids):
+            rows.append(Row(p + t, subject_span(tok, tpl, r.subject), "edit", len(t), i))
+        for tpl in kl_templates:
+            ids = tok(tpl.replace("{}", r.subject), add_special_tokens=True)["input_ids"]
+            rows.append(Row(ids, subject_span(tok, tpl, r.subject), "kl", 0, i))
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def collate(rows: list[Row], pad_id: int) -> dict:
+    """Pad a list of rows into tensors plus the index lists the losses gather with."""
+    ids, mask = pad_batch([r.ids for r in rows], pad_id, "cpu")
+    edit = [k for k, r in enumerate(rows) if r.kind == "edit"]
+    p_ids = [rows[k].ids[: len(rows[k].ids) - rows[k].n_target] for k in edit]
+    t_ids = [rows[k].ids[len(rows[k].ids) - rows[k].n_target :] for k in edit]
+    tr, tc, labels = target_index(p_ids, t_ids)
+    kl_rows, kl_cols = [], []
+    for k, r in enumerate(rows):
+        if r.kind == "kl":
+            for c in range(r.span[1] - 1, len(r.ids)):
+                kl_rows.append(k)
+                kl_cols.append(c)
+    return {
+        "ids": ids, "mask": mask, "spans": [[r.span] for r in rows],
+        "edit_rows": torch.tensor([edit[i] for i in tr], dtype=torch.long), "edit_cols": torch.tensor(tc, dtype=torch.long),
+        "edit_labels": torch.tensor(labels, dtype=torch.long), "edit_owner": torch.tensor(tr, dtype=torch.long),
+        "edit_requests": torch.tensor([rows[k].request for k in edit], dtype=torch.long),
+        "kl_rows": torch.tensor(kl_rows, dtype=torch.long), "kl_cols": torch.tensor(kl_cols, dtype=torch.long),
+    }
+
+
+class StepBatches(Sampler):
+    """Row indices of each step's batch, from the trainer's global step, rank and world size (see above)."""
+
+    def __init__(self, n_rows: int, batch_size: int, trainer_of):
+        self.n, self.B, self.trainer_of = n_rows, min(batch_size, n_rows), trainer_of
+
+    def __len__(self) -> int:  # steps per epoch: every row seen once across the processes
+        t = self.trainer_of()
+        return math.ceil(self.n / (self.B * (t.world_size if t else 1)))
+
+    def __iter__(self):
+        t = self.trainer_of()
+        step, world, rank = (t.global_step, t.world_size, t.global_rank) if t else (0, 1, 0)
+        for s in range(step, step + len(self)):
+            start = (s * world + rank) * self.B
+            yield [(start + j) % self.n for j in range(self.B)]
+
+
+class EditDataModule(L.LightningDataModule):
+    """Rows of a list of edit requests (plus replayed earlier requests), batched by global step."""
+
+    def __init__(self, tok, requests: list[EditRequest], prefixes: list[str], kl_templates: list[str],
+                 batch_size: int = 64, seed: int = 0):
+        super().__init__()
+        if not requests:
+            raise ValueError("no edit requests to train on")
+        self.tok, self.batch_size = tok, batch_size
+        self.rows = build_rows(tok, requests, prefixes, kl_templates, seed)
+        self.num_requests = len(requests)
+
+    def train_dataloader(self) -> DataLoader:
+        pad = self.tok.pad_token_id
+        sampler = StepBatches(len(self.rows), self.batch_size, lambda: self.trainer)
+        return DataLoader(self.rows, batch_sampler=sampler, collate_fn=lambda rs: collate(rs, pad))

@@ -1,0 +1,110 @@
+"""The LightningModule that trains a bypass adapter beside a frozen base model.
+
+loss = mean over edit rows of the new target's NLL
+     + kl_factor · KL(base || adapted) of the next-token distributions on the KL rows
+     + aux_factor · the adapter's auxiliary loss (MEMoE: load balancing; CoachHooK: C0 preservation), if any
+
+The base model is *not* a submodule: Lightning never moves, checkpoints or broadcasts it, and it cannot
+enter the optimizer. Only the adapter's parameters are trained and saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from memoe.config import bounds
+from memoe.tokens import DEFAULT_PREFIXES
+
+
+@dataclass
+class TrainConfig:
+    """How a bypass adapter learns a batch of edits."""
+
+    lr: float = field(default=1e-2, metadata=bounds(0.0))
+    """AdamW learning rate."""
+    weight_decay: float = field(default=0.0, metadata=bounds(0.0))
+    """AdamW weight decay."""
+    max_steps: int = field(default=300, metadata=bounds(1))
+    """Optimiser steps at most (per ``apply`` in sequential modes)."""
+    batch_size: int = field(default=128, metadata=bounds(1))
+    """Rows (prompts) per step and process."""
+    context_prefixes: list[str] = field(default_factory=lambda: list(DEFAULT_PREFIXES))
+    """Prefixes each request is also trained under (prefix augmentation; the bare prompt always is)."""
+    kl_templates: list[str] = field(default_factory=lambda: ["{} is a"])
+    """Subject prompts whose next-token distributions (from the subject on) must stay the base model's."""
+    kl_factor: float = field(default=1.0, metadata=bounds(0.0))
+    """Weight of the KL term (0: off)."""
+    aux_factor: float = field(default=1e-2, metadata=bounds(0.0))
+    """Weight of the adapter's auxiliary loss (MEMoE: load balancing; CoachHooK: C0 preservation penalty)."""
+    stop_loss: float = field(default=5e-2, metadata=bounds(0.0))
+    """Stop once every edit row's latest NLL is below this (0: always run ``max_steps``)."""
+    seed: int = 0
+    """Seed of row order, router noise and initialisation."""
+
+
+class AdapterTrainingModule(L.LightningModule):
+    def __init__(self, model, adapter, cfg: TrainConfig):
+        super().__init__()
+        self.__dict__["base"] = model  # plain attribute: see the module docstring
+        self.adapter = adapter
+        self.cfg = cfg
+        self.row_nll: dict[int, float] = {}  # request index -> worst NLL of its rows in the latest pass
+
+    def on_train_epoch_start(self) -> None:
+        self.row_nll.clear()  # the stop rule looks at one whole pass over this process's rows
+
+    def on_fit_start(self) -> None:
+        if next(self.base.parameters()).device != self.device:  # one process per device under DDP
+            self.base.to(self.device)
+        self.adapter.train()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.adapter.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def _seed_noise(self) -> None:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.global_step)
+        for layer in self.adapter.layers.values():
+            if hasattr(layer, "noise_generator"):
+                layer.noise_generator = g
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._seed_noise()
+        base, head = self.base, self.base.get_output_embeddings()
+        with self.adapter.given_anchors(batch["spans"]):
+            hidden = base.base_model(input_ids=batch["ids"], attention_mask=batch["mask"]).last_hidden_state
+        loss = hidden.sum() * 0.0
+        if len(batch["edit_rows"]):
+            logits = head(hidden[batch["edit_rows"], batch["edit_cols"]]).float()
+            tok_nll = F.cross_entropy(logits, batch["edit_labels"], reduction="none")
+            n_rows = len(batch["edit_requests"])
+            owner = batch["edit_owner"]
+            counts = torch.bincount(owner, minlength=n_rows).float()
+            row_nll = torch.zeros(n_rows, device=hidden.device).index_add(0, owner, tok_nll) / counts  # (edit rows,)
+            nll = row_nll.mean()
+            loss = loss + nll
+            self.log("train/nll", nll, prog_bar=True, batch_size=n_rows)
+            worst: dict[int, float] = {}
+            for req, v in zip(batch["edit_requests"].tolist(), row_nll.tolist()):
+                worst[req] = max(worst.get(req, 0.0), v)
+            self.row_nll.update(worst)
+        if self.cfg.kl_factor > 0 and len(batch["kl_rows"]):
+            with torch.no_grad(), self.adapter.disabled():
+                ref = base.base_model(input_ids=batch["ids"], attention_mask=batch["mask"]).last_hidden_state
+                ref_logp = torch.log_softmax(head(ref[batch["kl_rows"], batch["kl_cols"]]).float(), -1)
+            logp = torch.log_softmax(head(hidden[batch["kl_rows"], batch["kl_cols"]]).float(), -1)
+            kl = F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")
+            loss = loss + self.cfg.kl_factor * kl
+            self.log("train/kl", kl, batch_size=len(batch["kl_rows"]))
+        aux = self.adapter.aux_loss()
+        if aux is not None and self.cfg.aux_factor > 0:
+            loss = loss + self.cfg.aux_factor * aux
+            self.log("train/aux", aux, batch_size=len(batch["spans"]))
+        self.log("train/loss", loss, batch_size=len(batch["spans"]))
+        return loss
+
+    def worst_nll(self) -> float | None:
+        return max(self.row_nll.values()) if self.row_nll else None

@@ -1,0 +1,83 @@
+import copy
+
+import torch
+
+from memoe.adapters import attach, attached, detach
+from memoe.editors import make_editor
+from memoe.editors.closed_form.solves import memit_solve
+from memoe.editors.coachhook import prompt_peak_zscores, rls_update
+from memoe.evaluation.harness import run_mode
+
+# The tiny testbed looks facts up at the prompt's last token (its causal trace).
+CFG = {"layers": [0, 1], "fact_token": "prompt_last", "mom2_update_weight": 10.0, "v_steps": 40, "stats_samples": 4000}
+
+
+def test_recursive_update_equals_memits_solve_over_the_union():
+    g = torch.Generator().manual_seed(0)
+    H, d, lam = 5, 8, 3.0
+    X = torch.randn(d, 40, generator=g, dtype=torch.float64)
+    C0 = X @ X.T / 40
+    W0 = torch.randn(H, d, generator=g, dtype=torch.float64)
+    Ks = [torch.randn(d, n, generator=g, dtype=torch.float64) for n in (3, 2, 4)]
+    Vs = [torch.randn(H, K.shape[1], generator=g, dtype=torch.float64) for K in Ks]
+    W, cov = W0.clone(), torch.zeros(d, d, dtype=torch.float64)
+    for K, V in zip(Ks, Vs):
+        W = W + rls_update(V - W @ K, K, C0, cov, lam)  # residual against the current hook
+        cov = cov + K @ K.T
+    K, V = torch.cat(Ks, 1), torch.cat(Vs, 1)
+    union = W0 + memit_solve(V - W0 @ K, K, C0, lam)
+    assert torch.allclose(W, union, atol=1e-9)
+
+
+def test_every_edit_prompt_fires_and_sequential_batches_work(tiny_testbed):
+    model = copy.deepcopy(tiny_testbed.model)
+    tok, recs = tiny_testbed.tokenizer, tiny_testbed.dataset.records[:6]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = make_editor("coachhook", overrides=CFG)
+    r1 = editor.apply(model, tok, [r.request for r in recs[:3]])
+    adapter = editor.adapter(model)
+    for key, peaks in prompt_peak_zscores(model, tok, adapter, [r.request for r in recs[:3]]).items():
+        assert (peaks >= adapter.layers[key].alpha).all()
+    assert float(adapter.layers["0"].alpha) <= 2.2
+    bytes_one = adapter.memory_bytes()
+    r2 = editor.apply(model, tok, [r.request for r in recs[3:]])
+    assert editor.adapter(model) is adapter and adapter.memory_bytes() == bytes_one
+    r2.restore()
+    r1.restore()
+    assert attached(model) == [] and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    run = run_mode(editor, model, tok, recs, "sequential-batch", 3, progress=False)
+    # (the tiny testbed is hard for closed forms: quality is measured on the CounterFact testbed, see README)
+    assert run.final["cf_efficacy_mag"] > run.pre["cf_efficacy_mag"] + 0.05
+
+
+def test_save_reload_and_continue_equals_an_uninterrupted_run(tiny_testbed, tmp_path):
+    tok, recs = tiny_testbed.tokenizer, tiny_testbed.dataset.records[:4]
+    reqs = [r.request for r in recs]
+    editor = make_editor("coachhook", overrides=CFG)
+    straight = copy.deepcopy(tiny_testbed.model)
+    editor.apply(straight, tok, reqs[:2])
+    editor.apply(straight, tok, reqs[2:])
+    want = {k: v.clone() for k, v in editor.adapter(straight).state_dict().items()}
+
+    first = copy.deepcopy(tiny_testbed.model)
+    editor2 = make_editor("coachhook", overrides=CFG)
+    editor2.apply(first, tok, reqs[:2])
+    editor2.adapter(first).save(tmp_path / "hooks")
+    detach(first)
+    later = copy.deepcopy(tiny_testbed.model)  # a new session: fresh base, saved hooks
+    attach(later, tmp_path / "hooks")
+    editor3 = make_editor("coachhook", overrides=CFG)
+    editor3.apply(later, tok, reqs[2:])
+    got = editor3.adapter(later).state_dict()
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, atol=1e-5), k
+
+
+def test_lightning_variant_learns_the_batch(tiny_testbed):
+    model = copy.deepcopy(tiny_testbed.model)
+    tok, recs = tiny_testbed.tokenizer, tiny_testbed.dataset.records[:4]
+    editor = make_editor("coachhook", overrides={**CFG, "update": "lightning",
+                                                  "train": {"lr": 0.01, "max_steps": 120, "aux_factor": 1.0, "kl_factor": 0.0}})
+    run = run_mode(editor, model, tok, recs, "batch", 4, progress=False)
+    assert run.current["cf_efficacy_mag"] > run.pre["cf_efficacy_mag"] + 0.05
+    assert run.batches[0]["seconds"] > 0 and attached(model) == []

@@ -1,0 +1,82 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from memoe.adapters import MEMoEAdapter, MEMoEConfig, detach
+from memoe.evaluation.metrics import compute_metrics, raw_scores
+from memoe.training import AdapterTrainingModule, SafetensorsCheckpointIO, TrainConfig, TrainerOptions, build_rows, fit_adapter
+
+# The tiny testbed looks facts up at the prompt's last token (its causal trace): edit from the anchor on.
+ADAPTER = MEMoEConfig(layers=[0], num_experts=4, top_k=2, rank=16, scope="after_anchor")
+
+
+def setup_adapter(tb, n=6):
+    model = copy.deepcopy(tb.model)
+    recs = tb.dataset.records[:n]
+    adapter = MEMoEAdapter.create(model, tb.tokenizer, copy.deepcopy(ADAPTER)).attach(model)
+    adapter.add_anchors(tb.tokenizer, [r.request.subject for r in recs])
+    return model, adapter, recs
+
+
+def test_rows_mask_the_prompt_and_carry_the_subject_span(tiny_testbed):
+    tok = tiny_testbed.tokenizer
+    req = tiny_testbed.dataset.records[0].request
+    rows = build_rows(tok, [req], ["It rained."], ["{} is a"], seed=0)
+    edit = [r for r in rows if r.kind == "edit"]
+    assert len(edit) == 2 and len([r for r in rows if r.kind == "kl"]) == 1
+    for r in edit:
+        assert tok.decode(r.ids[-r.n_target:]).strip() == req.target_new
+        assert tok.decode(r.ids[r.span[0] : r.span[1]]).strip() == req.subject
+
+
+def test_training_learns_edits_and_touches_only_the_adapter(tiny_testbed):
+    model, adapter, recs = setup_adapter(tiny_testbed)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    module = AdapterTrainingModule(model, adapter, TrainConfig())
+    opt = module.configure_optimizers()
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in adapter.parameters()} and trained.isdisjoint(id(p) for p in model.parameters())
+    pre = raw_scores(model, tiny_testbed.tokenizer, recs)
+    info = fit_adapter(model, tiny_testbed.tokenizer, adapter, [r.request for r in recs], TrainConfig(lr=0.02, max_steps=150))
+    post = compute_metrics(raw_scores(model, tiny_testbed.tokenizer, recs), pre)
+    assert post["cf_efficacy"] == 1.0 and info["steps"] <= 150
+    assert all(torch.equal(v, base_state[k]) for k, v in model.state_dict().items())
+    assert not adapter.training  # back to noise-free routing
+    detach(model)
+
+
+def test_resume_from_a_checkpoint_continues_the_same_run(tiny_testbed, tmp_path):
+    tok = tiny_testbed.tokenizer
+    cfg = TrainConfig(lr=0.02, max_steps=8, batch_size=6, stop_loss=0.0)  # 18 rows: 3 steps per epoch
+    model, a1, recs = setup_adapter(tiny_testbed)
+    reqs = [r.request for r in recs]
+    fit_adapter(model, tok, a1, reqs, TrainConfig(**{**cfg.__dict__, "max_steps": 12}))
+    straight = {k: v.clone() for k, v in a1.state_dict().items()}
+    model2, a2, _ = setup_adapter(tiny_testbed)
+    ck = tmp_path / "ck"
+    fit_adapter(model2, tok, a2, reqs, TrainConfig(**{**cfg.__dict__, "max_steps": 6}), TrainerOptions(checkpoint_dir=str(ck)))
+    assert (ck / "last.json").exists() and (ck / "last.safetensors").exists()
+    meta = json.loads((ck / "last.json").read_text())
+    assert meta["__dict__"][0][0]  # JSON tree, tensors stored apart
+    model3, a3, _ = setup_adapter(tiny_testbed)  # a new process would start from a fresh adapter
+    info = fit_adapter(model3, tok, a3, reqs, TrainConfig(**{**cfg.__dict__, "max_steps": 12}),
+                       TrainerOptions(checkpoint_dir=str(ck), resume="last"))
+    assert info["steps"] == 12
+    for k, v in a3.state_dict().items():
+        assert torch.allclose(v, straight[k], atol=1e-6), k
+
+
+def test_checkpoint_io_round_trip_without_pickle(tmp_path):
+    io = SafetensorsCheckpointIO()
+    ck = {"state_dict": {"a.w": torch.arange(6.0).reshape(2, 3)}, "epoch": 3, "loops": {"x": [1, 2.5, None, "s"]},
+          "optimizer_states": [{"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}]}
+    io.save_checkpoint(ck, tmp_path / "c.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.safetensors"]
+    back = io.load_checkpoint(tmp_path / "c.ckpt")
+    assert torch.equal(back["state_dict"]["a.w"], ck["state_dict"]["a.w"]) and back["epoch"] == 3
+    assert back["loops"] == ck["loops"] and torch.equal(back["optimizer_states"][0]["state"][0]["exp_avg"], torch.ones(2))
+    (tmp_path / "c.json").write_text("{broken")
+    with pytest.raises(ValueError, match="corrupt checkpoint"):
+        io.load_checkpoint(tmp_path / "c.ckpt")
