@@ -2,7 +2,9 @@
 
 Each request gives one *edit row* per context prefix (the bare prompt plus each prefix: the prefix
 augmentation) whose loss is the new target's NLL, and one *KL row* per KL template ("{} is a") whose loss keeps
-the base model's next-token distributions from the subject's last token on. Every row carries its subject
+the base model's next-token distributions from the subject's last token on (with ``kl_other_relations``, also
+prompts of other relations in the batch filled with the request's subject: its other facts must stay, the
+same-subject locality). Every row carries its subject
 span, the knowledge anchor the router is trained with. Rows are shuffled once with the seed; the batch of
 global step s is then rows [(s·W + r)·B, (s·W + r + 1)·B) read cyclically (W processes, rank r, B rows), a
 function of the step alone, so a run resumed from a checkpoint sees exactly the batches of an uninterrupted one.
@@ -34,17 +36,26 @@ class Row:
     request: int = 0
 
 
-def build_rows(tok, requests: list[EditRequest], prefixes: list[str], kl_templates: list[str], seed: int = 0) -> list[Row]:
+def other_relation_templates(requests: list[EditRequest], i: int, k: int, rng: random.Random) -> list[str]:
+    """Up to ``k`` prompt templates of *other* relations among ``requests`` (to fill with request i's subject)."""
+    own = requests[i]
+    pool = sorted({r.prompt for r in requests if r.prompt != own.prompt and (not own.relation or r.relation != own.relation)})
+    return rng.sample(pool, min(k, len(pool)))
+
+
+def build_rows(tok, requests: list[EditRequest], prefixes: list[str], kl_templates: list[str], seed: int = 0,
+               kl_other_relations: int = 0) -> list[Row]:
     rows: list[Row] = []
+    rng = random.Random(seed)
     for i, r in enumerate(requests):
         templates = prefixed(r.prompt, prefixes)
         p_ids, t_ids = encode_pairs(tok, [t.replace("{}", r.subject) for t in templates], [r.target_new] * len(templates))
         for tpl, p, t in zip(templates, p_ids, t_ids):
             rows.append(Row(p + t, subject_span(tok, tpl, r.subject), "edit", len(t), i))
-        for tpl in kl_templates:
+        for tpl in kl_templates + other_relation_templates(requests, i, kl_other_relations, rng):
             ids = tok(tpl.replace("{}", r.subject), add_special_tokens=True)["input_ids"]
             rows.append(Row(ids, subject_span(tok, tpl, r.subject), "kl", 0, i))
-    random.Random(seed).shuffle(rows)
+    rng.shuffle(rows)
     return rows
 
 
@@ -92,12 +103,12 @@ class EditDataModule(L.LightningDataModule):
     """Rows of a list of edit requests (plus replayed earlier requests), batched by global step."""
 
     def __init__(self, tok, requests: list[EditRequest], prefixes: list[str], kl_templates: list[str],
-                 batch_size: int = 64, seed: int = 0):
+                 batch_size: int = 64, seed: int = 0, kl_other_relations: int = 0):
         super().__init__()
         if not requests:
             raise ValueError("no edit requests to train on")
         self.tok, self.batch_size = tok, batch_size
-        self.rows = build_rows(tok, requests, prefixes, kl_templates, seed)
+        self.rows = build_rows(tok, requests, prefixes, kl_templates, seed, kl_other_relations)
         self.num_requests = len(requests)
 
     def train_dataloader(self) -> DataLoader:

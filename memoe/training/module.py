@@ -36,6 +36,9 @@ class TrainConfig:
     """Prefixes each request is also trained under (prefix augmentation; the bare prompt always is)."""
     kl_templates: list[str] = field(default_factory=lambda: ["{} is a"])
     """Subject prompts whose next-token distributions (from the subject on) must stay the base model's."""
+    kl_other_relations: int = field(default=0, metadata=bounds(0))
+    """Per request, this many prompts of *other* relations in the batch, filled with its subject, join the KL rows
+    (keeps the subject's other facts: same-subject locality)."""
     kl_factor: float = field(default=1.0, metadata=bounds(0.0))
     """Weight of the KL term (0: off)."""
     aux_factor: float = field(default=1e-2, metadata=bounds(0.0))

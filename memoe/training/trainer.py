@@ -193,7 +193,7 @@ def fit_adapter(model, tok, adapter, requests, cfg: TrainConfig, opts: TrainerOp
     if adapter.attached_to is not model:
         raise ValueError("attach the adapter to the model before training it")
     torch.manual_seed(cfg.seed)
-    dm = EditDataModule(tok, requests, cfg.context_prefixes, cfg.kl_templates, cfg.batch_size, cfg.seed)
+    dm = EditDataModule(tok, requests, cfg.context_prefixes, cfg.kl_templates, cfg.batch_size, cfg.seed, cfg.kl_other_relations)
     module = AdapterTrainingModule(model, adapter, cfg)
     callbacks = [StopAtLoss(cfg.stop_loss)] if cfg.stop_loss > 0 else []
     resume = opts.resume

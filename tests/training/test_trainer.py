@@ -80,3 +80,17 @@ def test_checkpoint_io_round_trip_without_pickle(tmp_path):
     (tmp_path / "c.json").write_text("{broken")
     with pytest.raises(ValueError, match="corrupt checkpoint"):
         io.load_checkpoint(tmp_path / "c.ckpt")
+
+
+def test_other_relation_kl_rows_use_the_requests_subject(tiny_testbed):
+    tok = tiny_testbed.tokenizer
+    reqs = [r.request for r in tiny_testbed.dataset.records[:6]]
+    rows = build_rows(tok, reqs, [], [], seed=0, kl_other_relations=2)
+    kl = [r for r in rows if r.kind == "kl"]
+    assert len(kl) == 2 * len(reqs)
+    for r in kl:
+        req = reqs[r.request]
+        text = tok.decode(r.ids, skip_special_tokens=True)
+        assert tok.decode(r.ids[r.span[0] : r.span[1]]).strip() == req.subject
+        assert text != req.text and not any(o.relation == req.relation and o.text == text for o in reqs)
+    assert len([r for r in build_rows(tok, reqs, [], [], seed=0) if r.kind == "kl"]) == 0
