@@ -95,9 +95,10 @@ class AdapterTrainingModule(L.LightningModule):
                 worst[req] = max(worst.get(req, 0.0), v)
             self.row_nll.update(worst)
         if self.cfg.kl_factor > 0 and len(batch["kl_rows"]):
+            rows, where = batch["kl_rows"].unique(return_inverse=True)  # the base pass runs on the KL rows only
             with torch.no_grad(), self.adapter.disabled():
-                ref = base.base_model(input_ids=batch["ids"], attention_mask=batch["mask"]).last_hidden_state
-                ref_logp = torch.log_softmax(head(ref[batch["kl_rows"], batch["kl_cols"]]).float(), -1)
+                ref = base.base_model(input_ids=batch["ids"][rows], attention_mask=batch["mask"][rows]).last_hidden_state
+                ref_logp = torch.log_softmax(head(ref[where, batch["kl_cols"]]).float(), -1)
             logp = torch.log_softmax(head(hidden[batch["kl_rows"], batch["kl_cols"]]).float(), -1)
             kl = F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")
             loss = loss + self.cfg.kl_factor * kl
