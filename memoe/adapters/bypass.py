@@ -109,6 +109,8 @@ class BypassAdapter(nn.Module):
         self.enabled = True
         self.ctx = RoutingContext()
         self._given: list[list[tuple[int, int]]] | None = None
+        #: Extra anchor detectors beside the trie (e.g. :class:`~memoe.adapters.anchors.EntityDetector`); not saved.
+        self.detectors: list = []
         self._handles: list = []
         self._model_ref: weakref.ref | None = None  # a weak reference: the base must not become a submodule
 
@@ -214,7 +216,7 @@ class BypassAdapter(nn.Module):
         elif full is None:
             spans = [[] for _ in range(B)]  # embeddings only: nothing to match, the bypass stays off
         else:
-            spans = [self.trie.find(row) for row in full.tolist()]
+            spans = [sorted(set(self.trie.find(row)).union(*(d.find(row) for d in self.detectors))) for row in full.tolist()]
         ctx.anchor_pos = anchor_positions(spans, start + T, ref.device)[:, start:]
         return None
 

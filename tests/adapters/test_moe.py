@@ -185,3 +185,17 @@ def test_attach_to_a_llama3_checkpoint_directory(tiny_testbed, tmp_path):
     fresh, _ = load_model(tmp_path / "llama3", "float32", "cpu")
     attach(fresh, tmp_path / "ad", strict=True)
     assert torch.equal(fresh(input_ids=ids, attention_mask=mask).logits, want)
+
+
+def test_an_ner_detector_plugs_in_beside_the_trie(base, tiny_testbed):
+    from memoe.adapters.anchors import EntityDetector
+
+    model, tok = base
+    subj = tiny_testbed.dataset.records[0].request.subject
+    ids, mask = batch(tok, [f"{subj} lives in"])
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    a = make(model, tok, [], scope="after_anchor")  # the trie knows no anchor: the bypass stays off
+    randomise(a)
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
+    a.detectors.append(EntityDetector(tok, lambda text: [{"start": text.index(subj), "end": text.index(subj) + len(subj)}]))
+    assert not torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
