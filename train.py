@@ -15,8 +15,8 @@ with ``memoe.attach(model, path)``. The table compares the base with the adapter
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok, ds, tb = subject
     records = ds.records
     requests = [r.request for r in records]
-    rank0 = int(__import__("os").environ.get("LOCAL_RANK", "0")) == 0 and int(__import__("os").environ.get("NODE_RANK", "0")) == 0
+    rank0 = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"  # DDP relaunches this script
     if tb is not None and rank0:
         print(format_report(tb.report))
         print(f"(cached at {tb.path})\n")
@@ -124,14 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 
     adapter = MEMoEAdapter.create(model, tok, cfg.adapter).attach(model)
     adapter.add_anchors(tok, [r.subject for r in requests])
-    t0 = time.perf_counter()
     info = fit_adapter(model, tok, adapter, requests, cfg.train, job.trainer)
-    seconds = time.perf_counter() - t0
+    seconds = info["seconds"]
     trainer = info.pop("trainer")
     if not trainer.is_global_zero:
         return 0  # DDP: the other processes only train
     out = Path(job.output_dir)
-    adapter.save(out)
+    adapter.save(out)  # saved before scoring: a failure there loses no training
     table = MetricsTable()
     table.add("pre-edit", compute_metrics(pre, pre))
     runs = {}
@@ -140,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         runs[f"gate {'on' if gate else 'off'}"] = m = compute_metrics(raw_scores(model, tok, records), pre)
         table.add(f"memoe, gate {'on' if gate else 'off'}", m)
     adapter.config.gate_unanchored = cfg.adapter.gate_unanchored
-    adapter.save(out)
     result = {"options": asdict(job), "editor_config": asdict(cfg), "dataset": {"name": ds.name, "num_edits": len(records)},
               "train": {**info, "seconds": round(seconds, 2), "edits_per_second": round(len(records) / seconds, 3),
                         "devices": trainer.num_devices, "strategy": type(trainer.strategy).__name__},

@@ -29,7 +29,8 @@ from memoe.adapters.hooks import CoachHooKAdapter, HookConfig, scope_zscores
 from memoe.config import bounds
 from memoe.data.records import EditRequest
 from memoe.editors.base import Editor, EditResult
-from memoe.editors.closed_form.core import C0Memo, ClosedFormConfig, batch_targets, edit_layers, spread_over_layers
+from memoe.editors.closed_form.core import (C0Memo, ClosedFormConfig, batch_targets, compute_keys, edit_layers,
+                                            spread_over_layers)
 from memoe.editors.closed_form.solves import memit_solve
 from memoe.evaluation.scoring import model_device, pad_batch
 from memoe.models.arch import model_parts
@@ -130,8 +131,6 @@ class CoachHooKEditor(C0Memo, Editor):
 
     def _train(self, model, tok, adapter, requests, layers, covs, info) -> None:
         """The gradient-trained variant: D learns the batch's targets; the C0 penalty keeps other keys' outputs."""
-        from memoe.editors.closed_form.core import compute_keys
-
         cfg: CoachHooKConfig = self.config
         adapter.preserve = {str(l): (covs[l].float().to(model_device(model)), adapter.layers[str(l)].delta.detach().clone()) for l in layers}
         try:
