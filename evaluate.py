@@ -2,6 +2,7 @@
 
     python evaluate.py --editor ft --dataset counterfact --num-edits 100 --mode sequential-batch --batch-size 10
     python evaluate.py --trace --dataset synthetic          # causal trace of the model: where facts live
+    python evaluate.py --study batch-size --dataset counterfact   # a comparison study (configs/studies/)
 
 Writes ``--output`` (JSON: per editor and mode the pre-edit, current and final metrics, edit time, edits per
 second, peak memory, scoring throughput) and a Markdown table beside it; ``--plot`` adds PNG figures.
@@ -44,12 +45,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--trace", action="store_true", help="run a causal trace of the model instead of editing")
     p.add_argument("--trace-facts", type=int, default=50, help="facts averaged by --trace (default: 50)")
+    p.add_argument("--study", metavar="NAME", help="run a comparison study: a name in configs/studies/ (batch-size, "
+                   "layers, lifelong, ...) or a YAML path; --dataset, --data-path, --num-edits, --editor, --mode, "
+                   "--batch-size, --model, --dtype, --device, --testbed-config, --seed and --output override it. "
+                   "Rerunning the same command resumes an interrupted study")
+    p.add_argument("--restart", action="store_true", help="with --study: discard an earlier result file and start over")
     return p.parse_args(argv)
 
 
 def setup(args: argparse.Namespace) -> EvalConfig:
     """Options (YAML, then command line on top) -> a validated :class:`EvalConfig`."""
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "editor_config", "no_progress", "trace", "trace_facts")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "editor_config", "no_progress", "trace", "trace_facts", "study", "restart")}
     if args.no_progress:
         overrides["progress"] = False
     if args.editor_config:
@@ -81,8 +87,38 @@ def trace_main(cfg: EvalConfig, n_facts: int) -> None:
     print(f"MLP peak {result.peak('mlp')}; wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
+def study_main(args: argparse.Namespace) -> int:
+    from memoe.evaluation.study import load_study, run_study
+
+    over = {"dataset": args.dataset, "data_path": args.data_path, "num_edits": args.num_edits, "editors": args.editors,
+            "modes": args.modes, "batch_sizes": args.batch_sizes, "model": args.model, "dtype": args.dtype,
+            "device": args.device, "testbed_config": args.testbed_config, "seed": args.seed, "output": args.output}
+    if args.no_progress:
+        over["progress"] = False
+    if args.editor_config:
+        over["editor_configs"] = dict(item.split("=", 1) for item in args.editor_config if "=" in item)
+    try:
+        cfg = load_study(args.study, over)
+    except (ConfigError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = run_study(cfg, restart=args.restart)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: completed runs are kept in {cfg.output}; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ConfigError, FileNotFoundError, RecordError, KeyError, IndexError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    print(f"wrote {cfg.output}, {Path(cfg.output).with_suffix('.md')}" + "".join(f", {p}" for p in result["plots"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.study:
+        return study_main(args)
     try:
         cfg = setup(args)
     except (ConfigError, FileNotFoundError) as e:

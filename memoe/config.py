@@ -116,10 +116,20 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     return cfg
 
 
+def merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` on top; nested mappings merge key by key (``None`` values in ``over`` are ignored)."""
+    out = dict(base)
+    for k, v in over.items():
+        if v is None:
+            continue
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: dict | None = None) -> T:
-    """``cls`` from a YAML file (or defaults), with ``overrides`` (e.g. command-line options) on top."""
-    data = read_yaml(path) if path else {}
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    """``cls`` from a YAML file (or defaults), with ``overrides`` (e.g. command-line options) on top; a nested
+    override such as ``{"train": {"max_steps": 50}}`` changes only that key of the section."""
+    data = merge(read_yaml(path) if path else {}, overrides or {})
     try:
         return from_dict(cls, data)
     except ConfigError as e:

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from memoe.config import ConfigError, bounds, from_dict, load_config
+from memoe.config import ConfigError, bounds, from_dict, load_config, merge
 from memoe.editors import REGISTRY
+from memoe.evaluation.study import StudyConfig
 from memoe.pipeline import CONFIG_DIR, EvalConfig
 from memoe.testbed import TestbedConfig
 
@@ -55,6 +56,8 @@ def config_class(path: Path):
         return REGISTRY[rel.stem.split("-")[0]].Config
     if rel.parts[0] == "eval":
         return EvalConfig
+    if rel.parts[0] == "studies":
+        return StudyConfig
     raise AssertionError(f"no config class known for {rel}")
 
 
@@ -66,3 +69,11 @@ def test_configs_dir_is_populated():
 def test_every_config_loads(path):
     cfg = load_config(config_class(path), path)
     assert cfg is not None
+
+
+def test_overrides_merge_nested_sections_key_by_key():
+    base = {"adapter": {"layers": [0], "rank": 32}, "replay": 100, "lr": 0.1}
+    assert merge(base, {"adapter": {"layers": [3]}, "replay": None, "lr": 0.2}) == \
+        {"adapter": {"layers": [3], "rank": 32}, "replay": 100, "lr": 0.2}
+    assert base["adapter"] == {"layers": [0], "rank": 32}  # the input is not changed
+    assert merge({"a": 1}, {"a": {"b": 2}}) == {"a": {"b": 2}}  # a mapping replaces a scalar

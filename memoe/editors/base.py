@@ -100,6 +100,11 @@ class Editor(ABC):
             raise TypeError(f"{self.name} takes a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
 
+    @classmethod
+    def layer_override(cls, layers: list[int]) -> dict:
+        """Config override that makes this editor edit ``layers`` (used by layer sweeps)."""
+        return {"layers": list(layers)}
+
     def apply(self, model: nn.Module, tok, requests: list[EditRequest]) -> EditResult:
         """Apply ``requests`` to ``model`` in place and return the restorable result."""
         validate_requests(tok, requests)

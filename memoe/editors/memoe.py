@@ -42,6 +42,10 @@ class MEMoEEditor(Editor):
         super().__init__(config)
         self._adapters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (adapter, replay list)
 
+    @classmethod
+    def layer_override(cls, layers: list[int]) -> dict:
+        return {"adapter": {"layers": list(layers)}}
+
     def adapter(self, model) -> MEMoEAdapter | None:
         """The adapter this editor has attached to ``model`` (None before the first edit or after restore)."""
         entry = self._adapters.get(model)

@@ -99,6 +99,9 @@ class RunResult:
     scoring: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     batches: list[dict] = field(default_factory=list)
+    checkpoints: list[dict] = field(default_factory=list)
+    """Non-restoring modes with ``checkpoint_every``: every edit applied so far re-scored after each K edits
+    (``{"edits": n, "metrics": ...}``), the forgetting curve."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,11 +128,17 @@ def batches_for(mode: str, n: int, batch_size: int) -> list[range]:
 
 def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, batch_size: int = 1,
              pre: RawScores | None = None, score: ScoreOptions | None = None, progress: bool = True,
-             label: str | None = None) -> RunResult:
-    """Apply ``records`` with ``editor`` in ``mode`` and score them; the model is restored at the end."""
+             label: str | None = None, checkpoint_every: int | None = None) -> RunResult:
+    """Apply ``records`` with ``editor`` in ``mode`` and score them; the model is restored at the end.
+
+    ``checkpoint_every`` (non-restoring modes): also re-score all edits applied so far each time another K
+    edits are in, and after the last batch.
+    """
     score = score or ScoreOptions()
     if not records:
         raise ValueError("no records to edit")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     chunks = batches_for(mode, len(records), batch_size)
     if not RESTORING[mode] and not editor.supports_sequential:
         raise ValueError(f"editor {editor.name!r} does not support the {mode!r} mode")
@@ -140,6 +149,7 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
     live: list[EditResult] = []
     current_parts: list[RawScores] = []
     per_batch, restores, edit_seconds, peak, peak_delta = [], 0, 0.0, 0.0, 0.0
+    checkpoints, next_checkpoint = [], checkpoint_every
     bar = tqdm(total=len(records), desc=label or f"{editor.name} {mode}", unit="edit", disable=not progress)
     try:
         for chunk in chunks:
@@ -156,6 +166,10 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
             if RESTORING[mode]:
                 live.pop().restore()
                 restores += 1
+            elif next_checkpoint is not None and (chunk.stop >= next_checkpoint or chunk.stop == len(records)):
+                so_far = list(range(chunk.stop))
+                checkpoints.append({"edits": chunk.stop, "metrics": compute_metrics(sc(records[: chunk.stop]), subset(pre, so_far))})
+                next_checkpoint = (chunk.stop // checkpoint_every + 1) * checkpoint_every
             bar.update(len(chunk))
         bar.close()
         current = merge(current_parts)
@@ -174,7 +188,7 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
         peak_memory_mb=round(peak, 1), peak_memory_delta_mb=round(peak_delta, 1), restores=restores,
         scoring={"prompts": scored, "seconds": round(scoring_seconds, 3),
                  "prompts_per_second": round(scored / scoring_seconds, 1) if scoring_seconds else None},
-        config=asdict(editor.config), batches=per_batch,
+        config=asdict(editor.config), batches=per_batch, checkpoints=checkpoints,
     )
 
 

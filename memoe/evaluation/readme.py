@@ -1,9 +1,10 @@
 """Write measured results into README.md from result files, so no figure in it is typed by hand.
 
     python -m memoe.evaluation.readme --testbeds .cache/memoe/testbeds/*/report.json --evals runs/*.json
+    python -m memoe.evaluation.readme --studies runs/studies/batch-size-counterfact.json
 
-Replaces the text between ``<!-- results:testbeds -->`` / ``<!-- results:evals -->`` and the matching
-``<!-- /results:... -->`` markers.
+Replaces the text between ``<!-- results:testbeds -->`` / ``<!-- results:evals -->`` / ``<!-- results:studies -->``
+and the matching ``<!-- /results:... -->`` markers; a study's PNGs are copied to ``docs/studies/`` and linked.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import json
 import platform
 import re
+import shutil
 from pathlib import Path
 
 from memoe.evaluation.metrics import MetricsTable
@@ -82,6 +84,27 @@ def adapters_section(results: list[tuple[str, dict]]) -> str:
     return "\n\n".join(parts)
 
 
+def studies_section(results: list[tuple[str, dict]], figures: Path, readme_dir: Path) -> str:
+    """Each study: what it asks, how it was run, its table (runs, winners, skips) and its plots."""
+    from memoe.evaluation.study import study_markdown
+
+    parts = []
+    for path, res in results:
+        d, m = res["definition"], res["machine"]
+        where = f"{m['platform']}, {m['cpus']} CPU threads, {m['device']}" + (f" ({m['gpu']})" if m.get("gpu") else "")
+        took = sum(r.get("wall_seconds", 0) for r in res["runs"].values())
+        imgs = []
+        for png in sorted(Path(path).parent.glob(Path(path).stem + "-*.png")):
+            figures.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, figures / png.name)
+            imgs.append(f"![{png.stem}]({(figures / png.name).relative_to(readme_dir).as_posix()})")
+        parts.append(f"**Study `{res['study']}`** ({res['description']}) on {res['dataset']['name']}, "
+                     f"{res['dataset']['num_edits']} edits per run, editors {', '.join(d['editors'])}, modes "
+                     f"{', '.join(d['modes'])}; `{path}`, {len(res['runs'])} runs in {took / 60:.1f} min of run time "
+                     f"({where}):\n\n{study_markdown(res)}\n\n" + "\n".join(imgs))
+    return "\n\n".join(parts)
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pattern.search(text):
@@ -89,8 +112,13 @@ def replace_section(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
 
 
-def main(readme: str, testbeds: list[str], evals: list[str], adapters: list[str] | None = None) -> None:
+def main(readme: str, testbeds: list[str], evals: list[str], adapters: list[str] | None = None,
+         studies: list[str] | None = None) -> None:
     text = Path(readme).read_text()
+    if studies:
+        root = Path(readme).resolve().parent
+        text = replace_section(text, "studies", studies_section([(p, json.loads(Path(p).read_text())) for p in studies],
+                                                               root / "docs" / "studies", root))
     if testbeds:
         text = replace_section(text, "testbeds", testbeds_section([json.loads(Path(p).read_text()) for p in testbeds]))
     if evals:
@@ -106,5 +134,6 @@ if __name__ == "__main__":
     ap.add_argument("--testbeds", nargs="*", default=[], help="testbed report.json files")
     ap.add_argument("--evals", nargs="*", default=[], help="evaluate.py result JSON files")
     ap.add_argument("--adapters", nargs="*", default=[], help="train.py metrics.json files")
+    ap.add_argument("--studies", nargs="*", default=[], help="evaluate.py --study result JSON files (PNGs beside them)")
     a = ap.parse_args()
-    main(a.readme, a.testbeds, a.evals, a.adapters)
+    main(a.readme, a.testbeds, a.evals, a.adapters, a.studies)

@@ -125,3 +125,30 @@ def test_locality_is_against_the_unedited_model(tiny_testbed):
 
 def test_all_modes_listed():
     assert MODES == ("single", "batch", "sequential", "sequential-batch")
+
+
+def test_checkpoints_rescore_all_edits_so_far(tiny_testbed):
+    """Every K edits (and after the last batch) the edits applied so far are scored again, with their own
+    pre-edit rows; restoring modes take no checkpoints."""
+    tb = tiny_testbed
+    records = tb.dataset.records[:7]
+    pre = pre_scores(tb.model, tb.tokenizer, records, NO_FLUENCY)
+    r = run_mode(SpyEditor(), tb.model, tb.tokenizer, records, "sequential-batch", 2, pre=pre, score=NO_FLUENCY,
+                 progress=False, checkpoint_every=3)
+    assert [c["edits"] for c in r.checkpoints] == [4, 6, 7]
+    assert r.checkpoints[-1]["metrics"] == r.final
+
+    class NullEditor(SpyEditor):  # changes nothing: each checkpoint must equal the pre-edit row of its records
+        def compute_deltas(self, model, tok, requests):
+            deltas, info = super().compute_deltas(model, tok, requests)
+            return {k: torch.zeros_like(v) for k, v in deltas.items()}, info
+
+    r = run_mode(NullEditor(), tb.model, tb.tokenizer, records, "sequential-batch", 2, pre=pre, score=NO_FLUENCY,
+                 progress=False, checkpoint_every=3)
+    for c in r.checkpoints:
+        head = pre_scores(tb.model, tb.tokenizer, records[: c["edits"]], NO_FLUENCY)
+        assert c["metrics"] == compute_metrics(head, head)
+    assert run_mode(SpyEditor(), tb.model, tb.tokenizer, records, "batch", 2, pre=pre, score=NO_FLUENCY,
+                    progress=False, checkpoint_every=3).checkpoints == []
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        run_mode(SpyEditor(), tb.model, tb.tokenizer, records, "sequential", 1, pre=pre, score=NO_FLUENCY, checkpoint_every=0)

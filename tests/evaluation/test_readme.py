@@ -44,3 +44,30 @@ def test_adapter_section_from_train_metrics(tmp_path):
     text = readme.read_text()
     assert "| memoe, gate on | 1.000 | 0.500 | 0.750 | 0.700 |" in text and "| memoe, gate off | 0.900 |" in text
     assert "40 steps in 12.5 s (0.72 edits/s)" in text
+
+
+def test_study_section_with_table_winners_and_copied_plots(tmp_path):
+    m = lambda e, n: {"cf_efficacy": e, "cf_paraphrase": 0.5, "cf_neighbourhood": n, "cf_score": 0.7}  # noqa: E731
+    run = lambda mode, b, cur, fin: {"editor": "memit", "mode": mode, "batch_size": b, "layer": None, "current": cur,  # noqa: E731
+                                     "final": fin, "edits_per_second": 1.25, "peak_memory_mb": 600.0, "wall_seconds": 30}
+    res = {"study": "batch-size", "description": "metrics against batch size",
+           "definition": {"editors": ["memit"], "modes": ["batch", "sequential-batch"]},
+           "machine": {"platform": "x86_64", "cpus": 2, "device": "cpu", "gpu": None},
+           "dataset": {"name": "counterfact", "num_edits": 8}, "pre": m(0.0, 1.0),
+           "runs": {"memit batch b=8": run("batch", 8, m(1.0, 0.9), None),
+                    "memit sequential-batch b=4": run("sequential-batch", 4, m(1.0, 1.0), m(0.75, 0.95))},
+           "skipped": {"memit batch b=16": "over N", "memit batch b=32": "over N", "memit sequential-batch b=1": "slow"}}
+    studies = tmp_path / "runs"
+    studies.mkdir()
+    (studies / "bs.json").write_text(json.dumps(res))
+    (studies / "bs-batch-size.png").write_bytes(b"\x89PNG fake")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:studies -->\n<!-- /results:studies -->\n")
+    main(str(readme), [], [], [], [str(studies / "bs.json")])
+    text = readme.read_text()
+    assert "| memit | batch | 8 | 1.000 | 0.500 | 0.900 | 0.700 | 1.250 | 600 |" in text
+    assert "| memit | sequential-batch | 4 | 0.750 | 0.500 | 0.950 |" in text  # the final scores, not current
+    assert "cf_efficacy — memit batch b=8 (1.000)" in text and "cf_neighbourhood — memit sequential-batch b=4 (0.950)" in text
+    assert "2 runs in 1.0 min" in text and "Skipped: batch sizes 16, 32 for memit batch (over N); memit sequential-batch b=1 (slow)." in text
+    assert "![bs-batch-size](docs/studies/bs-batch-size.png)" in text
+    assert (tmp_path / "docs" / "studies" / "bs-batch-size.png").read_bytes() == b"\x89PNG fake"
