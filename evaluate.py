@@ -59,14 +59,19 @@ def setup(args: argparse.Namespace) -> EvalConfig:
     if args.no_progress:
         overrides["progress"] = False
     if args.editor_config:
-        pairs = {}
-        for item in args.editor_config:
-            if "=" not in item:
-                raise ConfigError(f"--editor-config expects NAME=PATH, got {item!r}")
-            name, path = item.split("=", 1)
-            pairs[name] = path
-        overrides["editor_configs"] = pairs
+        overrides["editor_configs"] = editor_config_pairs(args.editor_config)
     return load_config(EvalConfig, args.config, overrides)
+
+
+def editor_config_pairs(items: list[str]) -> dict[str, str]:
+    """``--editor-config NAME=PATH`` options -> {name: path}."""
+    pairs = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--editor-config expects NAME=PATH, got {item!r}")
+        name, path = item.split("=", 1)
+        pairs[name] = path
+    return pairs
 
 
 def trace_main(cfg: EvalConfig, n_facts: int) -> None:
@@ -95,9 +100,9 @@ def study_main(args: argparse.Namespace) -> int:
             "device": args.device, "testbed_config": args.testbed_config, "seed": args.seed, "output": args.output}
     if args.no_progress:
         over["progress"] = False
-    if args.editor_config:
-        over["editor_configs"] = dict(item.split("=", 1) for item in args.editor_config if "=" in item)
     try:
+        if args.editor_config:
+            over["editor_configs"] = editor_config_pairs(args.editor_config)
         cfg = load_study(args.study, over)
     except (ConfigError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

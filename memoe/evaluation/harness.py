@@ -149,7 +149,7 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
     live: list[EditResult] = []
     current_parts: list[RawScores] = []
     per_batch, restores, edit_seconds, peak, peak_delta = [], 0, 0.0, 0.0, 0.0
-    checkpoints, next_checkpoint = [], checkpoint_every
+    checkpoints, next_checkpoint, final = [], checkpoint_every, None
     bar = tqdm(total=len(records), desc=label or f"{editor.name} {mode}", unit="edit", disable=not progress)
     try:
         for chunk in chunks:
@@ -167,13 +167,17 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
                 live.pop().restore()
                 restores += 1
             elif next_checkpoint is not None and (chunk.stop >= next_checkpoint or chunk.stop == len(records)):
-                so_far = list(range(chunk.stop))
-                checkpoints.append({"edits": chunk.stop, "metrics": compute_metrics(sc(records[: chunk.stop]), subset(pre, so_far))})
+                so_far = sc(records[: chunk.stop])
+                checkpoints.append({"edits": chunk.stop, "metrics": compute_metrics(so_far, subset(pre, list(range(chunk.stop))))})
                 next_checkpoint = (chunk.stop // checkpoint_every + 1) * checkpoint_every
+                final = so_far  # after the last batch this is the final scoring: not scored twice
             bar.update(len(chunk))
         bar.close()
         current = merge(current_parts)
-        final = sc(records) if not RESTORING[mode] else None
+        if RESTORING[mode]:
+            final = None
+        elif not checkpoints or checkpoints[-1]["edits"] != len(records):
+            final = sc(records)
     finally:
         for result in reversed(live):  # back to the unedited model, whatever happened
             result.restore()

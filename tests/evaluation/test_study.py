@@ -61,6 +61,13 @@ def test_plan_skips_batch_sizes_above_the_number_of_edits():
     assert skipped["memit batch b=16"] == "too slow here" and "rome batch b=16" not in skipped
 
 
+def test_bad_study_options_are_named(capsys):
+    assert evaluate.main(["--study", "batch-size", "--editor-config", "memoe"]) == 2
+    assert "--editor-config expects NAME=PATH, got 'memoe'" in capsys.readouterr().err
+    assert evaluate.main(["--study", "batch-size", "--mode", "batch", "--batch-size", "0"]) == 2
+    assert "'batch_sizes': 0 is below the minimum 1" in capsys.readouterr().err
+
+
 def test_unknown_study_and_editor_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no study named 'nope'.*batch-size"):
         load_study("nope")
