@@ -50,7 +50,7 @@ def plot_lines(points: dict[str, list[tuple[float, dict]]], path: Path, xlabel: 
                         linestyle="--" if "sequential" in label else "-")
         if log_x:
             ax.set_xscale("log", base=2)
-            ax.set_xticks(xs_all, [str(int(x)) if float(x).is_integer() else str(x) for x in xs_all])
+        ax.set_xticks(xs_all, [str(int(x)) if float(x).is_integer() else str(x) for x in xs_all])  # the measured points
         ax.set_xlabel(xlabel)
         ax.set_title(name)
         ax.set_ylim(-0.02, 1.02)
