@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memoe.config import ConfigError
 from memoe.editors import make_editor
 from memoe.editors.memoe import MEMoEEditor
 from memoe.evaluation import study as study_mod
