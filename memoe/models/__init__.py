@@ -13,9 +13,10 @@ from memoe.models.arch import (
     register_architecture,
     resolve_dtype,
 )
-from memoe.models.mini import llama3_mini_config
+from memoe.models.mini import SHAPES, llama3_8b_config, llama3_mini_config, random_model
 
 __all__ = [
-    "ARCHITECTURES", "ArchSpec", "ModelParts", "UnknownArchitectureError", "default_device", "llama3_mini_config",
+    "ARCHITECTURES", "SHAPES", "ArchSpec", "ModelParts", "UnknownArchitectureError", "default_device", "llama3_8b_config",
+    "llama3_mini_config", "random_model",
     "load_model", "model_fingerprint", "model_parts", "prepare_tokenizer", "register_architecture", "resolve_dtype",
 ]
