@@ -3,8 +3,9 @@
     python bench/bench_editors.py                                  # testbed, all editors, batch sizes 1 10 100 1000
     python bench/bench_editors.py --editors memit memoe --sizes 1 10 100
     python bench/bench_editors.py --device cuda                    # the testbed on a GPU
+    python bench/bench_editors.py --editors memit --set batched_targets=false   # targets one request at a time
     python bench/bench_editors.py --model random:llama3-8b --config-suffix llama3-8b --device cuda --dtype bfloat16 \\
-        --sizes 1 10 100 --skip rome:100 --min-edits 1             # Llama-3-8B's shapes, random weights
+        --sizes 1 10 100 --skip rome:100 --min-edits 3             # Llama-3-8B's shapes, random weights
     python bench/bench_editors.py --model /path/to/Meta-Llama-3-8B --config-suffix llama3-8b --dtype bfloat16
 
 The edits, their prompts and the C0 text (its ``corpus.txt``) come from the ``--config`` testbed. ``--model``
@@ -60,7 +61,8 @@ class Bench:
         return None
 
     def editor(self, name: str):
-        """``name`` with its config, plus the statistics overrides (corpus, samples) where it has those keys."""
+        """``name`` with its config, the testbed's text as C0 corpus and the ``--set`` overrides, each where the
+        editor's config has that key."""
         keys = {f.name for f in dataclasses.fields(editor_class(name).Config)}
         over = {k: v for k, v in {"stats_corpus": str(self.corpus), **self.overrides}.items() if k in keys}
         return make_editor(name, self.config_path(name), over)
@@ -163,13 +165,29 @@ def where(device: torch.device) -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
 
 
+def parse_sets(items: list[str]) -> dict:
+    """``KEY=VALUE`` options (VALUE read as YAML: numbers, booleans, lists) -> {key: value}."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def main(editors: list[str], sizes: list[int], min_edits: int, config: str, threads: int, repeats: int, model: str = "testbed",
-         device: str | None = None, dtype: str = "float32", config_suffix: str = "", stats_samples: int | None = None,
+         device: str | None = None, dtype: str = "float32", config_suffix: str = "", sets: dict | None = None,
          skip: list[str] | None = None, deadline: float = 0.0, output: str | None = None) -> dict:
+    unknown = [k for k in (sets or {}) if not any(k in {f.name for f in dataclasses.fields(editor_class(n).Config)} for n in editors)]
+    if unknown:
+        raise SystemExit(f"error: --set {unknown}: no key of that name in the configs of {editors}")
     torch.set_num_threads(threads)
     torch.manual_seed(0)  # random:SHAPE weights, hence the C0 cache key, are the same every run
-    overrides = {"stats_samples": stats_samples} if stats_samples else {}
-    b, info = load_bench(model, config, device, dtype, config_suffix, overrides, time.time() + (deadline or 1e9))
+    b, info = load_bench(model, config, device, dtype, config_suffix, dict(sets or {}), time.time() + (deadline or 1e9))
+    info["set"] = dict(sets or {})
     info["machine"] = where(b.device)
     print(f"model {model} ({info['parameters'] / 1e6:,.1f}M parameters, {dtype}) on {info['machine']}: "
           f"loaded in {info['load_seconds']} s" + (f", weights {info['weights_mib']} MiB" if "weights_mib" in info else ""), flush=True)
@@ -189,7 +207,8 @@ def main(editors: list[str], sizes: list[int], min_edits: int, config: str, thre
     edits = [r for r in result["editing"] if r["what"] == "edit"]
     if edits:
         print(f"\nEditing, model {model} ({dtype}), edits from the {info['testbed']} testbed ({info['machine']}); "
-              f"editor configs from configs/editors/{'*-' + config_suffix if config_suffix else '*'}.yaml\n")
+              f"editor configs from configs/editors/{'*-' + config_suffix if config_suffix else '*'}.yaml"
+              + "".join(f", {k}={v}" for k, v in b.overrides.items()) + "\n")
         print("| editor | batch size | edits/s | peak memory (MiB) |\n|---|---|---|---|")
         for r in edits:
             print(f"| {r['editor']} | {r['batch']} | " + (f"– ({r['skipped']}) | – |" if "skipped" in r else f"{r['edits_per_s']:.3f} | {r['peak_mb']:.0f} |"))
@@ -225,7 +244,8 @@ if __name__ == "__main__":
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
     p.add_argument("--config-suffix", default="", help="use configs/editors/<name>-<suffix>.yaml where it exists (e.g. llama3-8b)")
-    p.add_argument("--stats-samples", type=int, default=None, help="tokens for C0 (default: each editor config's stats_samples)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every editor that has the key (e.g. batched_targets=false stats_samples=20000)")
     p.add_argument("--skip", nargs="*", default=[], help="EDITOR:SIZE pairs not to run (e.g. rome:100: ROME edits one at a time)")
     p.add_argument("--deadline", type=float, default=0.0, help="seconds after which no new measurement starts (0: none)")
     p.add_argument("--output", default=None, help="also write every figure to this JSON")
@@ -233,4 +253,4 @@ if __name__ == "__main__":
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     a = p.parse_args()
     main(a.editors, a.sizes, a.min_edits, a.config, a.threads, a.repeats, a.model, a.device, a.dtype, a.config_suffix,
-         a.stats_samples, a.skip, a.deadline, a.output)
+         parse_sets(a.set), a.skip, a.deadline, a.output)

@@ -68,9 +68,15 @@ class HookLayer(BypassLayer):
         z = scope_zscores(full.double(), mask)
         return (z >= self.alpha)[:, -m.shape[1]:]
 
+    def change(self, k: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) D k = W_h k − W0 k for down-projection inputs ``k`` (B, T, d), in the base's precision: beside
+        a bfloat16 Llama-3-8B a float32 product would cost more than the down-projection itself (measured +35%
+        per token on an H200 with five hooks, float32)."""
+        return k @ self.delta.T.to(k.dtype)
+
     def forward(self, k: torch.Tensor, out: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        dk = k.float() @ self.delta.T  # (B, T, H): W_h k − W0 k
-        g = self.gate(dk.detach().norm(dim=-1), ctx)
+        dk = self.change(k)  # (B, T, H)
+        g = self.gate(dk.detach().float().norm(dim=-1), ctx)
         return out + (dk * g[..., None].to(dk.dtype)).to(out.dtype)
 
 

@@ -57,7 +57,7 @@ def rls_update(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, cov: torch.Te
     """ΔD = R Kᵀ (λ C0 + cov + K Kᵀ)⁻¹ (float64), written as MEMIT's solve with C = C0 + cov / λ."""
     if lam <= 0:
         raise ValueError(f"mom2_update_weight must be > 0 for the recursive solve, got {lam}")
-    return memit_solve(R, K, C0.double() + cov.double() / lam, lam)
+    return memit_solve(R, K, torch.add(C0.double(), cov.double(), alpha=1.0 / lam), lam)
 
 
 @torch.no_grad()
@@ -70,7 +70,7 @@ def prompt_peak_zscores(model, tok, adapter: CoachHooKAdapter, requests: list[Ed
         model.base_model(input_ids=ids, attention_mask=mask)
     out = {}
     for key, name in names.items():
-        m = (store[name].float() @ adapter.layers[key].delta.T).norm(dim=-1)  # (B, T)
+        m = adapter.layers[key].change(store[name]).float().norm(dim=-1)  # (B, T), as the gate computes it
         out[key] = scope_zscores(m.double(), mask.bool()).max(1).values
     return out
 

@@ -81,3 +81,20 @@ def test_lightning_variant_learns_the_batch(tiny_testbed):
     run = run_mode(editor, model, tok, recs, "batch", 4, progress=False)
     assert run.current["cf_efficacy_mag"] > run.pre["cf_efficacy_mag"] + 0.05
     assert run.batches[0]["seconds"] > 0 and attached(model) == []
+
+
+def test_bfloat16_base_hooks_compute_in_its_precision_and_every_edit_prompt_fires(tiny_testbed):
+    model = copy.deepcopy(tiny_testbed.model).to(torch.bfloat16)
+    tok, recs = tiny_testbed.tokenizer, tiny_testbed.dataset.records[:3]
+    editor = make_editor("coachhook", overrides=CFG)
+    editor.apply(model, tok, [r.request for r in recs])
+    adapter = editor.adapter(model)
+    k = torch.randn(2, 3, adapter.base_info["intermediate_size"], dtype=torch.bfloat16)
+    assert adapter.layers["0"].change(k).dtype == torch.bfloat16  # no float32 product beside a bf16 model
+    ids = tok([r.request.text for r in recs], add_special_tokens=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hooked = model(**ids).logits
+        with adapter.disabled():
+            bare = model(**ids).logits
+    changed = ((hooked - bare).abs().amax(-1) > 0) & ids["attention_mask"].bool()  # (B, T)
+    assert changed.any(1).all()  # the scope gate opens somewhere in every edit prompt

@@ -30,10 +30,10 @@ def spd_solve(A: torch.Tensor, B: torch.Tensor, what: str = "system", max_cond: 
     if A.shape[0] != A.shape[1] or A.shape[0] != B.shape[0]:
         raise ValueError(f"{what}: matrix of shape {tuple(A.shape)} cannot solve right-hand side of shape {tuple(B.shape)}")
     scale = A.diagonal().abs().mean().clamp_min(1e-300)
-    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     eps = 0.0
     for attempt in range(16):
-        L, info = torch.linalg.cholesky_ex(A + eps * scale * eye)
+        # the ridge goes on a copy's diagonal: no identity matrix (1.6 GB in float64 for Llama-3-8B's d = 14336)
+        L, info = torch.linalg.cholesky_ex(A if eps == 0 else _ridged(A, eps * scale))
         if info == 0:
             d = L.diagonal()
             cond = float((d.max() / d.min()) ** 2)
@@ -44,6 +44,12 @@ def spd_solve(A: torch.Tensor, B: torch.Tensor, what: str = "system", max_cond: 
                 return torch.cholesky_solve(B, L)
         eps = 1e-10 if eps == 0 else eps * 10
     raise ValueError(f"{what} could not be solved even with a ridge of {eps:g} x its mean diagonal")
+
+
+def _ridged(A: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
+    out = A.clone()
+    out.diagonal().add_(ridge)
+    return out
 
 
 def rome_solve(R: torch.Tensor, K: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -57,7 +63,7 @@ def rome_solve(R: torch.Tensor, K: torch.Tensor, C: torch.Tensor) -> torch.Tenso
 def memit_solve(R: torch.Tensor, K: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
     """MEMIT: Δ = R Kᵀ (λ C + K Kᵀ)⁻¹, least squares with preservation weight λ."""
     K, R = K.double(), R.double()
-    A = lam * C.double() + K @ K.T
+    A = (K @ K.T).add_(C.double(), alpha=lam)  # in place: one d x d temporary fewer
     return spd_solve(A, K @ R.T, "MEMIT: (lambda C0 + K Kᵀ)").T
 
 
