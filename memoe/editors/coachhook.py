@@ -95,7 +95,7 @@ class CoachHooKEditor(C0Memo, Editor):
         elif sorted(int(k) for k in adapter.layers) != layers:
             raise ValueError(f"the attached hooks are at layers {sorted(int(k) for k in adapter.layers)}, "
                              f"this editor's config edits {layers}")
-        before = {k: v.clone() for k, v in adapter.state_dict().items()}
+        before = {k: v.to("cpu", copy=True) for k, v in adapter.state_dict().items()}  # for restore(); off the GPU
         with adapter.disabled():
             covs = self.layer_covs(model, tok, layers)  # the unedited base's statistics
         info: dict = {"layers": layers}

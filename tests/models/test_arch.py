@@ -68,3 +68,16 @@ def test_load_model_from_local_directory(tmp_path, mini):
     assert torch.equal(model(ids).logits, mini(ids).logits)
     with pytest.raises(FileNotFoundError):
         load_model(str(tmp_path / "missing"))
+
+
+def test_random_llama3_8b_has_the_real_shapes_and_is_built_in_the_asked_dtype():
+    from memoe.models import random_model
+
+    big = random_model("llama3-8b", torch.bfloat16, "meta")  # shapes only: nothing allocated
+    assert sum(p.numel() for p in big.parameters()) == 8_030_261_248  # Meta-Llama-3-8B's parameter count
+    assert model_parts(big).down_proj_weight(1).shape == (4096, 14336)
+    mini = random_model("llama3-mini", torch.bfloat16)
+    assert {p.dtype for p in mini.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in mini.parameters())
+    assert torch.get_default_dtype() == torch.float32  # restored after the build
+    with pytest.raises(KeyError, match="llama3-8b"):
+        random_model("llama3-70b")
