@@ -1,4 +1,5 @@
-"""Llama-3's architecture with its shapes shrunk, for tests of the code path a real Llama-3-8B takes."""
+"""Llama-3's architecture: shrunk (tests of the code path a real Llama-3-8B takes) or at full size with random
+weights (GPU speed and memory figures without downloading the model)."""
 
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ def spd_solve(A: torch.Tensor, B: torch.Tensor, what: str = "system", max_cond: 
 
 
 def _ridged(A: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
+    """A copy of A with ``ridge`` added to its diagonal."""
     out = A.clone()
     out.diagonal().add_(ridge)
     return out
