@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import time
 import traceback
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 
 from memoe.config import load_config
 from memoe.editors import REGISTRY, editor_class, make_editor
-from memoe.evaluation.harness import PeakMemory
+from memoe.evaluation.harness import PeakMemory, describe_machine, machine_info
 from memoe.evaluation.scoring import pad_batch
 from memoe.io import write_json
 from memoe.pipeline import CONFIG_DIR
@@ -139,10 +138,10 @@ def inference_overhead(b: Bench, repeats: int) -> list[dict]:
 
 
 def load_bench(model: str, config: str, device: str | None, dtype: str, config_suffix: str, overrides: dict, deadline: float) -> tuple[Bench, dict]:
-    from memoe.models import load_model, random_model, resolve_dtype
+    from memoe.models import default_device, load_model, random_model, resolve_dtype
 
     tb = build_testbed(load_config(TestbedConfig, config), progress=True, verbose=False)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     t0 = time.perf_counter()
     if model == "testbed":
         m, tok = tb.model.to(device=device, dtype=resolve_dtype(dtype)), tb.tokenizer
@@ -157,12 +156,6 @@ def load_bench(model: str, config: str, device: str | None, dtype: str, config_s
     if m.device.type == "cuda":
         info["weights_mib"] = round(torch.cuda.memory_allocated(m.device) / 2**20)
     return Bench(m, tok, tb.dataset.records, tb.path / "corpus.txt", config_suffix, overrides, deadline), info
-
-
-def where(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{platform.machine()}, {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -188,7 +181,7 @@ def main(editors: list[str], sizes: list[int], min_edits: int, config: str, thre
     torch.manual_seed(0)  # random:SHAPE weights, hence the C0 cache key, are the same every run
     b, info = load_bench(model, config, device, dtype, config_suffix, dict(sets or {}), time.time() + (deadline or 1e9))
     info["set"] = dict(sets or {})
-    info["machine"] = where(b.device)
+    info["machine"] = describe_machine(machine_info(b.device))
     print(f"model {model} ({info['parameters'] / 1e6:,.1f}M parameters, {dtype}) on {info['machine']}: "
           f"loaded in {info['load_seconds']} s" + (f", weights {info['weights_mib']} MiB" if "weights_mib" in info else ""), flush=True)
     result: dict = {"info": info, "editing": [], "inference": [], "errors": []}

@@ -13,6 +13,7 @@ scores, computed once before any edit (the pre-edit row).
 from __future__ import annotations
 
 import os
+import platform
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,19 @@ from memoe.evaluation.scoring import PairScores
 
 MODES = ("single", "batch", "sequential", "sequential-batch")
 RESTORING = {"single": True, "batch": True, "sequential": False, "sequential-batch": False}
+
+
+def machine_info(device: torch.device | str) -> dict:
+    """Where a measurement ran: stored with study results, printed by the benches."""
+    device = torch.device(device)
+    return {"platform": platform.machine(), "cpus": torch.get_num_threads(), "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__}
+
+
+def describe_machine(info: dict) -> str:
+    """``x86_64, 2 CPU threads, cpu`` (+ the GPU's name, + the torch version where recorded)."""
+    text = f"{info['platform']}, {info['cpus']} CPU threads, {info['device']}" + (f" ({info['gpu']})" if info.get("gpu") else "")
+    return text + (f", torch {info['torch']}" if info.get("torch") else "")
 
 
 class PeakMemory:

@@ -86,12 +86,12 @@ def adapters_section(results: list[tuple[str, dict]]) -> str:
 
 def studies_section(results: list[tuple[str, dict]], figures: Path, readme_dir: Path) -> str:
     """Each study: what it asks, how it was run, its table (runs, winners, skips) and its plots."""
+    from memoe.evaluation.harness import describe_machine
     from memoe.evaluation.study import study_markdown
 
     parts = []
     for path, res in results:
-        d, m = res["definition"], res["machine"]
-        where = f"{m['platform']}, {m['cpus']} CPU threads, {m['device']}" + (f" ({m['gpu']})" if m.get("gpu") else "")
+        d, where = res["definition"], describe_machine(res["machine"])
         took = sum(r.get("wall_seconds", 0) for r in res["runs"].values())
         imgs = []
         for png in sorted(Path(path).parent.glob(Path(path).stem + "-*.png")):

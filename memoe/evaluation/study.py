@@ -17,7 +17,6 @@ already the run at batch size N.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 from memoe.config import ConfigError, bounds, load_config, merge
 from memoe.editors import editor_class, make_editor
-from memoe.evaluation.harness import MODES, RESTORING, ScoreOptions, pre_scores, run_mode
+from memoe.evaluation.harness import MODES, RESTORING, ScoreOptions, machine_info, pre_scores, run_mode
 from memoe.evaluation.metrics import compute_metrics
 from memoe.io import write_json, write_text
 from memoe.pipeline import CONFIG_DIR, DATASETS, EvalConfig, editor_config_path, load_subject
@@ -108,11 +107,15 @@ def load_study(name: str, overrides: dict | None = None) -> StudyConfig:
     cfg = load_config(StudyConfig, study_path(name), overrides)
     for e in cfg.editors:
         editor_class(e)  # unknown names fail here, before anything runs
-    if cfg.output is None:
-        cfg.output = f"runs/studies/{cfg.name}-{cfg.dataset}.json"
+    cfg.output = str(output_path(cfg))
     if cfg.testbed_config and not Path(cfg.testbed_config).exists() and (CONFIG_DIR.parent / cfg.testbed_config).exists():
         cfg.testbed_config = str(CONFIG_DIR.parent / cfg.testbed_config)  # relative to the repository, as shipped
     return cfg
+
+
+def output_path(cfg: StudyConfig) -> Path:
+    """The result file: ``output``, else ``runs/studies/<name>-<dataset>.json``."""
+    return Path(cfg.output or f"runs/studies/{cfg.name}-{cfg.dataset}.json")
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ def _resume(out: Path, cfg: StudyConfig, restart: bool) -> dict:
 
 def run_study(cfg: StudyConfig, restart: bool = False, subject: tuple | None = None, log=print) -> dict:
     """Run (or resume) every run of the study; write JSON, Markdown and PNGs; return the result dict."""
-    out = Path(cfg.output or f"runs/studies/{cfg.name}-{cfg.dataset}.json")
+    out = output_path(cfg)
     specs, skipped = plan(cfg)
     done = _resume(out, cfg, restart)
     if done:
@@ -183,9 +186,7 @@ def run_study(cfg: StudyConfig, restart: bool = False, subject: tuple | None = N
     pre = pre_scores(model, tok, records, score)
     result = {
         "study": cfg.name, "description": cfg.description, "definition": definition(cfg),
-        "machine": {"platform": platform.machine(), "cpus": torch.get_num_threads(),
-                    "device": str(next(model.parameters()).device),
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "machine": machine_info(next(model.parameters()).device),
         "model": cfg.model or (str(tb.path) if tb else None),
         "testbed": {k: tb.report.get(k) for k in ("name", "parameters", "storage_site")} if tb else None,
         "dataset": {"name": ds.name, "source": ds.source, "num_edits": len(records)},
