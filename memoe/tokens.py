@@ -2,16 +2,6 @@
 
 from __future__ import annotations
 
-#: Short neutral sentences put before a prompt: editors average keys and targets over them (closed forms) or
-#: train under them (bypass adapters), so an edit holds whatever text comes before the prompt.
-DEFAULT_PREFIXES = ["The market was busy.", "It rained all day.", "A new bridge opened.", "Tea is served at four."]
-
-
-def prefixed(prompt: str, prefixes: list[str]) -> list[str]:
-    """The bare prompt template followed by each prefix + " " + template."""
-    return [prompt] + [f"{p} {prompt}" for p in prefixes]
-
-
 def subject_span(tok, template: str, subject: str) -> tuple[int, int]:
     """Token indices ``[start, end)`` of ``subject`` in ``tok(template.format(subject))`` (BOS included).
 

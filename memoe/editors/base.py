@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from memoe.config import from_dict
+from memoe.contexts import PrefixMemo
 from memoe.data.records import EditRequest, RecordError
 
 
@@ -99,6 +100,8 @@ class Editor(ABC):
         if not isinstance(config, self.Config):
             raise TypeError(f"{self.name} takes a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
+        self.prefixes = PrefixMemo()
+        """The context prefixes this editor generated, per model (see :mod:`memoe.contexts`)."""
 
     @classmethod
     def layer_override(cls, layers: list[int]) -> dict:

@@ -18,7 +18,6 @@ The base weights never change; ``restore()`` rewinds the hook memory (or detache
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -84,7 +83,7 @@ class CoachHooKEditor(C0Memo, Editor):
         return next((a for a in attached(model) if isinstance(a, CoachHooKAdapter)), None)
 
     def _apply(self, model, tok, requests: list[EditRequest]) -> EditResult:
-        cfg: CoachHooKConfig = self.config
+        cfg: CoachHooKConfig = self.prefixes.apply(model, tok, self.config)
         parts = model_parts(model)
         layers = edit_layers(cfg, sorted(parts.check_layer(l) for l in cfg.layers))
         adapter = self.adapter(model)
@@ -114,7 +113,7 @@ class CoachHooKEditor(C0Memo, Editor):
 
                 spread_over_layers(model, tok, requests, layers, cfg, z, solve, write)
             else:
-                self._train(model, tok, adapter, requests, layers, covs, info)
+                self._train(model, tok, adapter, requests, layers, covs, info, cfg)
         peaks = prompt_peak_zscores(model, tok, adapter, requests)
         with torch.no_grad():
             for key, z in peaks.items():
@@ -129,12 +128,11 @@ class CoachHooKEditor(C0Memo, Editor):
 
         return EditResult(editor=self.name, requests=list(requests), modules=[adapter], info=info, _undo=[undo])
 
-    def _train(self, model, tok, adapter, requests, layers, covs, info) -> None:
+    def _train(self, model, tok, adapter, requests, layers, covs, info, cfg: CoachHooKConfig) -> None:
         """The gradient-trained variant: D learns the batch's targets; the C0 penalty keeps other keys' outputs."""
-        cfg: CoachHooKConfig = self.config
         adapter.preserve = {str(l): (covs[l].float().to(model_device(model)), adapter.layers[str(l)].delta.detach().clone()) for l in layers}
         try:
-            res = fit_adapter(model, tok, adapter, requests, copy.deepcopy(cfg.train), cfg.trainer)
+            res = fit_adapter(model, tok, adapter, requests, self.prefixes.apply(model, tok, cfg.train), cfg.trainer)
         finally:
             adapter.preserve = None
         info.update(steps=res["steps"], worst_nll=res["worst_nll"])

@@ -53,6 +53,7 @@ class MEMoEEditor(Editor):
 
     def _apply(self, model, tok, requests: list[EditRequest]) -> EditResult:
         cfg: MEMoEEditorConfig = self.config
+        train = self.prefixes.apply(model, tok, cfg.train)  # before the first attach: the base writes them
         adapter = self.adapter(model)
         created = adapter is None
         if created:
@@ -62,7 +63,7 @@ class MEMoEEditor(Editor):
         before = ({k: v.clone() for k, v in adapter.state_dict().items()}, copy.deepcopy(adapter.trie), list(replay))
         adapter.add_anchors(tok, [r.subject for r in requests])
         info = fit_adapter(model, tok, adapter, requests + replay[-cfg.replay :] if cfg.replay else requests,
-                           cfg.train, cfg.trainer)
+                           train, cfg.trainer)
         info.pop("trainer")
         replay[:] = (replay + requests)[-cfg.replay :] if cfg.replay else []
 

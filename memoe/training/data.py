@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from memoe.data.records import EditRequest
 from memoe.evaluation.scoring import encode_pairs, pad_batch, target_index
-from memoe.tokens import prefixed, subject_span
+from memoe.contexts import prefixed
+from memoe.tokens import subject_span
 
 
 @dataclass

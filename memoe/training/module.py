@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from memoe.config import bounds
-from memoe.tokens import DEFAULT_PREFIXES
+from memoe.contexts import ContextOptions
 
 
 @dataclass
-class TrainConfig:
-    """How a bypass adapter learns a batch of edits."""
+class TrainConfig(ContextOptions):
+    """How a bypass adapter learns a batch of edits (and under which context prefixes: :class:`ContextOptions`)."""
 
     lr: float = field(default=1e-2, metadata=bounds(0.0))
     """AdamW learning rate."""
@@ -32,8 +32,6 @@ class TrainConfig:
     """Optimiser steps at most (per ``apply`` in sequential modes)."""
     batch_size: int = field(default=128, metadata=bounds(1))
     """Rows (prompts) per step and process."""
-    context_prefixes: list[str] = field(default_factory=lambda: list(DEFAULT_PREFIXES))
-    """Prefixes each request is also trained under (prefix augmentation; the bare prompt always is)."""
     kl_templates: list[str] = field(default_factory=lambda: ["{} is a"])
     """Subject prompts whose next-token distributions (from the subject on) must stay the base model's."""
     kl_other_relations: int = field(default=0, metadata=bounds(0))

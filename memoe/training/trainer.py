@@ -27,6 +27,7 @@ from lightning.fabric.plugins.io import CheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from memoe.config import bounds
+from memoe.contexts import PrefixMemo
 from memoe.io import load_tensors, save_tensors, write_json
 from memoe.training.data import EditDataModule
 from memoe.training.module import AdapterTrainingModule, TrainConfig
@@ -192,6 +193,7 @@ def fit_adapter(model, tok, adapter, requests, cfg: TrainConfig, opts: TrainerOp
     opts = opts or TrainerOptions()
     if adapter.attached_to is not model:
         raise ValueError("attach the adapter to the model before training it")
+    cfg = PrefixMemo().apply(model, tok, cfg)  # editors pass theirs resolved; train.py generates here
     torch.manual_seed(cfg.seed)
     dm = EditDataModule(tok, requests, cfg.context_prefixes, cfg.kl_templates, cfg.batch_size, cfg.seed, cfg.kl_other_relations)
     module = AdapterTrainingModule(model, adapter, cfg)

@@ -35,3 +35,18 @@ def test_sequential_apply_keeps_one_adapter_and_restore_rewinds_it(tiny_testbed)
     assert len(adapter.trie) == 2 and all(torch.equal(v, after_first[k]) for k, v in adapter.state_dict().items())
     r1.restore()
     assert attached(model) == [] and editor.adapter(model) is None
+
+
+def test_memoe_trains_under_generated_prefixes_made_once(tiny_testbed):
+    model = copy.deepcopy(tiny_testbed.model)
+    tok, recs = tiny_testbed.tokenizer, tiny_testbed.dataset.records[:3]
+    train = {"max_steps": 2, "stop_loss": 0.0, "context_prefixes": ["It rained."], "generated_prefixes": 2}
+    editor = make_editor("memoe", overrides={**CFG, "train": train})
+    r1 = editor.apply(model, tok, [r.request for r in recs[:2]])
+    made = editor.prefixes.resolve(model, tok, editor.config.train)
+    assert len(made) == 3 and made[0] == "It rained."
+    assert r1.info["rows"] == 2 * (1 + 3) + 2  # each request bare and under 3 prefixes, plus its KL row
+    r2 = editor.apply(model, tok, [r.request for r in recs[2:]])  # the sequence reuses the first edit's prefixes
+    assert editor.prefixes.resolve(model, tok, editor.config.train) == made and r2.info["rows"] == 3 * 4 + 3
+    r2.restore()
+    r1.restore()

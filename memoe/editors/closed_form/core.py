@@ -26,24 +26,23 @@ import torch
 
 from memoe import nethook
 from memoe.config import bounds
+from memoe.contexts import ContextOptions, prefixed
 from memoe.data.records import EditRequest
 from memoe.editors.base import EditorConfig, WeightEditor, scratch_weights
 from memoe.editors.closed_form.stats import layer_stats
 from memoe.evaluation.scoring import encode_pairs, model_device, pad_batch, target_index
 from memoe.models.arch import model_parts
-from memoe.tokens import DEFAULT_PREFIXES, fact_position, prefixed
+from memoe.tokens import fact_position
 
 
 @dataclass
-class ClosedFormConfig(EditorConfig):
-    """Options shared by every closed-form editor."""
+class ClosedFormConfig(ContextOptions, EditorConfig):
+    """Options shared by every closed-form editor (and the context prefixes of :class:`ContextOptions`)."""
 
     layers: list[int] = field(default_factory=lambda: [0])
     """Edit layers (the down-projection of each); the target is set at the last one."""
     fact_token: str = field(default="subject_last", metadata=bounds(choices=("subject_last", "subject_first", "prompt_last")))
     """Token the key is read and the target written at (ROME's ``fact_token``)."""
-    context_prefixes: list[str] = field(default_factory=lambda: list(DEFAULT_PREFIXES))
-    """Prefixes the keys and target values are averaged over (the bare prompt is always included)."""
     v_lr: float = field(default=0.5, metadata=bounds(0.0))
     """Adam learning rate of the target-value optimisation."""
     v_steps: int = field(default=25, metadata=bounds(1, 10_000))
@@ -242,7 +241,7 @@ class ClosedFormEditor(C0Memo, WeightEditor):
         """(H, d) update from residuals R (H, N), keys K (d, N) and C0 (d, d), all float64."""
 
     def compute_deltas(self, model, tok, requests: list[EditRequest]):
-        cfg: ClosedFormConfig = self.config
+        cfg: ClosedFormConfig = self.prefixes.apply(model, tok, self.config)
         parts = model_parts(model)
         layers = edit_layers(cfg, sorted(parts.check_layer(l) for l in cfg.layers))
         weights = {l: parts.module("down_proj", l).weight for l in layers}
