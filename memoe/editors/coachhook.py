@@ -11,7 +11,8 @@ Batch t of edits, with the hooks of batches < t attached and *forced* on at ever
    which equals MEMIT's solve over the union of all batches so far; or (``update: lightning``) D is trained
    with the same Lightning module as MEMoE on the batch's target NLL plus a C0 preservation penalty;
 3. α of each layer drops to the smallest, over the batch's edit prompts, of the prompt's largest z-score, so
-   every edit prompt fires somewhere.
+   every edit prompt fires somewhere (``alpha_rule: fact_token``: of the z-score at the fact token, so every edit
+   prompt fires where its keys were written).
 
 The base weights never change; ``restore()`` rewinds the hook memory (or detaches hooks the edit created).
 """
@@ -33,6 +34,7 @@ from memoe.editors.closed_form.core import (C0Memo, ClosedFormConfig, batch_targ
 from memoe.editors.closed_form.solves import memit_solve
 from memoe.evaluation.scoring import model_device, pad_batch
 from memoe.models.arch import model_parts
+from memoe.tokens import fact_position
 from memoe.training import TrainConfig, TrainerOptions, fit_adapter
 
 
@@ -44,6 +46,10 @@ class CoachHooKConfig(ClosedFormConfig):
     """Initial z-score threshold of the editing scope."""
     scope_gate: bool = True
     """Local editing scope (False: hooks act at every token)."""
+    alpha_rule: str = field(default="prompt_peak", metadata=bounds(choices=("prompt_peak", "fact_token")))
+    """After a batch α drops to the smallest, over its edit prompts, of the prompt's largest z-score (``prompt_peak``,
+    the paper's) or of the z-score at the fact token, where the batch's keys were written (``fact_token``, ours: each
+    edit then fires where it was written, not only somewhere in its prompt)."""
     update: str = field(default="closed_form", metadata=bounds(choices=("closed_form", "lightning")))
     """How a batch is written into the hooks: the recursive closed form, or gradient training with Lightning."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(kl_factor=0.0, aux_factor=1.0))
@@ -60,8 +66,8 @@ def rls_update(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, cov: torch.Te
 
 
 @torch.no_grad()
-def prompt_peak_zscores(model, tok, adapter: CoachHooKAdapter, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
-    """Per hook layer, (N,) the largest scope z-score over the tokens of each request's prompt."""
+def edit_zscores(model, tok, adapter: CoachHooKAdapter, requests: list[EditRequest], fact_token: str | None = None) -> dict[str, torch.Tensor]:
+    """Per hook layer, (N,) each request prompt's largest scope z-score, or (``fact_token`` given) its z-score there."""
     parts = model_parts(model)
     names = {key: parts.name("down_proj", int(key)) for key in adapter.layers}
     ids, mask = pad_batch(tok([r.text for r in requests], add_special_tokens=True)["input_ids"], tok.pad_token_id, model_device(model))
@@ -70,7 +76,12 @@ def prompt_peak_zscores(model, tok, adapter: CoachHooKAdapter, requests: list[Ed
     out = {}
     for key, name in names.items():
         m = adapter.layers[key].change(store[name]).float().norm(dim=-1)  # (B, T), as the gate computes it
-        out[key] = scope_zscores(m.double(), mask.bool()).max(1).values
+        z = scope_zscores(m.double(), mask.bool())  # (B, T)
+        if fact_token is None:
+            out[key] = z.max(1).values
+        else:
+            pos = [fact_position(tok, r.prompt, r.subject, fact_token) for r in requests]
+            out[key] = z[torch.arange(len(requests), device=z.device), torch.tensor(pos, device=z.device)]
     return out
 
 
@@ -114,7 +125,7 @@ class CoachHooKEditor(C0Memo, Editor):
                 spread_over_layers(model, tok, requests, layers, cfg, z, solve, write)
             else:
                 self._train(model, tok, adapter, requests, layers, covs, info, cfg)
-        peaks = prompt_peak_zscores(model, tok, adapter, requests)
+        peaks = edit_zscores(model, tok, adapter, requests, cfg.fact_token if cfg.alpha_rule == "fact_token" else None)
         with torch.no_grad():
             for key, z in peaks.items():
                 adapter.layers[key].alpha.copy_(torch.minimum(adapter.layers[key].alpha, z.min().to(torch.float64)))

@@ -5,7 +5,7 @@ import torch
 from memoe.adapters import attach, attached, detach
 from memoe.editors import make_editor
 from memoe.editors.closed_form.solves import memit_solve
-from memoe.editors.coachhook import prompt_peak_zscores, rls_update
+from memoe.editors.coachhook import edit_zscores, rls_update
 from memoe.evaluation.harness import run_mode
 
 # The tiny testbed looks facts up at the prompt's last token (its causal trace).
@@ -36,7 +36,7 @@ def test_every_edit_prompt_fires_and_sequential_batches_work(tiny_testbed):
     editor = make_editor("coachhook", overrides=CFG)
     r1 = editor.apply(model, tok, [r.request for r in recs[:3]])
     adapter = editor.adapter(model)
-    for key, peaks in prompt_peak_zscores(model, tok, adapter, [r.request for r in recs[:3]]).items():
+    for key, peaks in edit_zscores(model, tok, adapter, [r.request for r in recs[:3]]).items():
         assert (peaks >= adapter.layers[key].alpha).all()
     assert float(adapter.layers["0"].alpha) <= 2.2
     bytes_one = adapter.memory_bytes()
@@ -98,3 +98,19 @@ def test_bfloat16_base_hooks_compute_in_its_precision_and_every_edit_prompt_fire
             bare = model(**ids).logits
     changed = ((hooked - bare).abs().amax(-1) > 0) & ids["attention_mask"].bool()  # (B, T)
     assert changed.any(1).all()  # the scope gate opens somewhere in every edit prompt
+
+
+def test_fact_token_alpha_rule_opens_the_gate_where_the_keys_were_written(tiny_testbed):
+    model = copy.deepcopy(tiny_testbed.model)
+    tok, reqs = tiny_testbed.tokenizer, [r.request for r in tiny_testbed.dataset.records[:4]]
+    editor = make_editor("coachhook", overrides={**CFG, "fact_token": "subject_last", "alpha_rule": "fact_token"})
+    result = editor.apply(model, tok, reqs)
+    adapter = editor.adapter(model)
+    at_fact = edit_zscores(model, tok, adapter, reqs, "subject_last")  # (N,) per layer: z at the subject's last token
+    peaks = edit_zscores(model, tok, adapter, reqs)
+    for key, layer in adapter.layers.items():
+        assert float(layer.alpha) == min(2.2, float(at_fact[key].min()))  # α: the smallest fact-token z-score
+        assert (at_fact[key] >= layer.alpha).all()  # so the gate (z >= α) is open at every edit's fact token
+        assert (at_fact[key] <= peaks[key]).all()
+    result.restore()
+    assert attached(model) == []
