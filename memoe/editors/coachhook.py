@@ -73,15 +73,14 @@ def edit_zscores(model, tok, adapter: CoachHooKAdapter, requests: list[EditReque
     ids, mask = pad_batch(tok([r.text for r in requests], add_special_tokens=True)["input_ids"], tok.pad_token_id, model_device(model))
     with nethook.capture(model, list(names.values()), inputs=True) as store:
         model.base_model(input_ids=ids, attention_mask=mask)
+    rows = torch.arange(len(requests), device=ids.device)
+    pos = None if fact_token is None else \
+        torch.tensor([fact_position(tok, r.prompt, r.subject, fact_token) for r in requests], device=ids.device)
     out = {}
     for key, name in names.items():
         m = adapter.layers[key].change(store[name]).float().norm(dim=-1)  # (B, T), as the gate computes it
         z = scope_zscores(m.double(), mask.bool())  # (B, T)
-        if fact_token is None:
-            out[key] = z.max(1).values
-        else:
-            pos = [fact_position(tok, r.prompt, r.subject, fact_token) for r in requests]
-            out[key] = z[torch.arange(len(requests), device=z.device), torch.tensor(pos, device=z.device)]
+        out[key] = z.max(1).values if pos is None else z[rows, pos]
     return out
 
 
