@@ -35,9 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="seed (default: 0)")
     p.add_argument("--output", help="result JSON path (default: runs/eval.json); the table goes to the same path with .md")
     p.add_argument("--plot", action="store_true", default=None, help="draw metrics against batch size / number of edits (PNG)")
-    p.add_argument("--model", help="local Hugging Face checkpoint to edit instead of the testbed")
+    p.add_argument("--model", help="local Hugging Face checkpoint to edit instead of the testbed (a memoe testbed folder: the records it learned)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of --model (default: float32)")
-    p.add_argument("--device", help="device of --model (default: cuda if available, else cpu)")
+    p.add_argument("--device", help="device of --model (default: cuda if available, else cpu) or of the testbed (default: cpu)")
     p.add_argument("--testbed-config", help="testbed YAML (default: configs/testbed/<dataset>.yaml)")
     p.add_argument("--editor-config", action="append", default=[], metavar="NAME=PATH",
                    help="YAML config for one editor (default: configs/editors/<name>.yaml)")

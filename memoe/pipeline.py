@@ -4,6 +4,7 @@ every mode and write JSON + Markdown (+ PNG plots). ``evaluate.py`` and ``train.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from memoe.config import bounds, load_config
 from memoe.data import EditDataset, load_edit_dataset
 from memoe.editors import make_editor
-from memoe.evaluation.harness import MODES, ScoreOptions, pre_scores, run_mode
+from memoe.evaluation.harness import MODES, ScoreOptions, machine_info, pre_scores, run_mode
 from memoe.evaluation.metrics import MetricsTable, compute_metrics
 from memoe.io import write_json, write_text
 
@@ -44,11 +45,12 @@ class EvalConfig:
     plot: bool = False
     """Draw metrics against batch size (several batch sizes) or number of edits (PNG)."""
     model: str | None = None
-    """A local Hugging Face checkpoint to edit instead of the testbed (e.g. a Llama-3-8B directory)."""
+    """A local Hugging Face checkpoint to edit instead of the testbed (e.g. a Llama-3-8B directory); a memoe testbed
+    folder is edited on the records it learned."""
     dtype: str = field(default="float32", metadata=bounds(choices=("float32", "bfloat16", "float16")))
     """dtype of a loaded checkpoint."""
     device: str | None = None
-    """Device of a loaded checkpoint (default: cuda if available)."""
+    """Device of a loaded checkpoint (default: cuda if available); the testbed runs where it is built (CPU) unless set."""
     testbed_config: str | None = None
     """YAML of the testbed to build/load (default: ``configs/testbed/<dataset>.yaml``)."""
     editor_configs: dict = field(default_factory=dict)
@@ -74,12 +76,34 @@ def editor_config_path(name: str, overrides: dict) -> str | None:
     return str(p) if p.exists() else None
 
 
+def testbed_records(cfg: EvalConfig, tb_config: dict) -> EditDataset:
+    """The first ``cfg.num_edits`` records of the dataset a testbed (its saved config) was trained on."""
+    from memoe.config import from_dict
+    from memoe.testbed import TestbedConfig
+    from memoe.testbed.build import make_corpus
+
+    tb = from_dict(TestbedConfig, {**tb_config, **({"data_path": cfg.data_path} if cfg.data_path else {})})
+    if tb.dataset != cfg.dataset:
+        raise ValueError(f"--model {cfg.model} is a testbed of dataset {tb.dataset!r}, not {cfg.dataset!r}")
+    return first_records(make_corpus(tb)[0], cfg.num_edits)
+
+
+def first_records(ds: EditDataset, n: int) -> EditDataset:
+    """The first ``n`` records of a testbed's dataset, which must have them."""
+    if n > len(ds):
+        raise ValueError(f"--num-edits {n} exceeds the {len(ds)} records the testbed knows")
+    return EditDataset(ds.name, ds.records[:n], ds.source, ds.meta)
+
+
 def load_subject(cfg: EvalConfig):
     """(model, tokenizer, edit dataset, testbed or None) for the options."""
     if cfg.model:
         from memoe.models import load_model
 
         model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+        meta = Path(cfg.model).expanduser() / "testbed.json"
+        if meta.is_file():  # a memoe testbed: edit the facts it learned (a synthetic world depends on its size)
+            return model, tok, testbed_records(cfg, json.loads(meta.read_text())["config"]), None
         ds = load_edit_dataset(cfg.dataset, cfg.data_path, limit=cfg.num_edits, bad_records=cfg.bad_records, seed=cfg.seed)
         return model, tok, ds, None
     from memoe.testbed import TestbedConfig, build_testbed
@@ -89,9 +113,9 @@ def load_subject(cfg: EvalConfig):
     if tb_cfg.dataset != cfg.dataset:
         raise ValueError(f"testbed config {path} is for dataset {tb_cfg.dataset!r}, not {cfg.dataset!r}")
     tb = build_testbed(tb_cfg, progress=cfg.progress, verbose=False)  # callers print the report card if they want it
-    if cfg.num_edits > len(tb.dataset):
-        raise ValueError(f"--num-edits {cfg.num_edits} exceeds the {len(tb.dataset)} records the testbed knows")
-    ds = EditDataset(tb.dataset.name, tb.dataset.records[: cfg.num_edits], tb.dataset.source, tb.dataset.meta)
+    ds = first_records(tb.dataset, cfg.num_edits)
+    if cfg.device:
+        tb.model.to(cfg.device)
     return tb.model, tb.tokenizer, ds, tb
 
 
@@ -129,6 +153,7 @@ def run_evaluation(cfg: EvalConfig, subject: tuple | None = None) -> dict:
         "pre": compute_metrics(pre, pre),
         "pre_scoring": {"prompts": pre.prompts_scored, "seconds": round(pre_seconds, 3),
                         "prompts_per_second": round(pre.prompts_scored / pre_seconds, 1)},
+        "machine": machine_info(next(model.parameters()).device),
         "runs": runs,
     }
     out = Path(cfg.output)

@@ -35,6 +35,7 @@ def test_evaluate_writes_every_field(cache, tmp_path, capsys):
         assert r["current"]["cf_efficacy"] is not None and r["pre"] == res["pre"]
         assert (r["final"] is None) == (r["mode"] == "batch")
     assert res["options"]["seed"] == 1 and res["dataset"]["num_edits"] == 6
+    assert res["machine"]["device"] == "cpu" and res["machine"]["gpu"] is None  # where it ran, for the README
     md = out.with_suffix(".md").read_text()
     assert md.startswith("| run |") and "pre-edit" in md and "ft sequential-batch b=3 (final)" in md
     for png in ("out-batch-size.png", "out-edits.png"):
@@ -112,3 +113,24 @@ def test_run_time_errors_are_reported_not_raised(cache, tmp_path, capsys):
     assert rc == 2 and "unknown editor 'nope'" in capsys.readouterr().err
     rc = evaluate.main(["--dataset", "counterfact", "--data-path", str(tmp_path / "missing.json"), "--no-progress"])
     assert rc == 2 and "missing.json" in capsys.readouterr().err
+
+
+def test_device_option_moves_the_testbed(cache):
+    from memoe.pipeline import EvalConfig, load_subject
+
+    model, *_ = load_subject(EvalConfig(dataset="synthetic", num_edits=2, testbed_config=TINY, device="meta", progress=False))
+    assert {p.device.type for p in model.parameters()} == {"meta"}  # (a GPU run passes cuda; meta needs none)
+    model, *_ = load_subject(EvalConfig(dataset="synthetic", num_edits=2, testbed_config=TINY, progress=False))
+    assert {p.device.type for p in model.parameters()} == {"cpu"}  # the default: where it was built
+
+
+def test_model_option_on_a_testbed_directory_edits_the_facts_it_learned(tiny_testbed):
+    from memoe.pipeline import EvalConfig, load_subject
+
+    # a synthetic world depends on its size: the tiny testbed's, not a fresh world of --num-edits facts
+    _, _, ds, _ = load_subject(EvalConfig(dataset="synthetic", num_edits=3, model=str(tiny_testbed.path), device="cpu"))
+    assert [r.request for r in ds.records] == [r.request for r in tiny_testbed.dataset.records[:3]]
+    with pytest.raises(ValueError, match="testbed of dataset 'synthetic', not 'zsre'"):
+        load_subject(EvalConfig(dataset="zsre", num_edits=3, model=str(tiny_testbed.path), device="cpu"))
+    with pytest.raises(ValueError, match="exceeds the"):
+        load_subject(EvalConfig(dataset="synthetic", num_edits=10**6, model=str(tiny_testbed.path), device="cpu"))

@@ -66,22 +66,34 @@ def rls_update(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, cov: torch.Te
 
 
 @torch.no_grad()
-def edit_zscores(model, tok, adapter: CoachHooKAdapter, requests: list[EditRequest], fact_token: str | None = None) -> dict[str, torch.Tensor]:
-    """Per hook layer, (N,) each request prompt's largest scope z-score, or (``fact_token`` given) its z-score there."""
+def edit_scope_stats(model, tok, adapter: CoachHooKAdapter, requests: list[EditRequest], fact_token: str,
+                     layers: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Per hook layer (all, or ``layers``), for each request prompt (N,): ``peak``, its largest scope z-score; ``z``,
+    its z-score at the fact token (as the gate computes them, with the hooks as they are now)."""
     parts = model_parts(model)
-    names = {key: parts.name("down_proj", int(key)) for key in adapter.layers}
+    names = {key: parts.name("down_proj", int(key)) for key in (layers or adapter.layers)}
     ids, mask = pad_batch(tok([r.text for r in requests], add_special_tokens=True)["input_ids"], tok.pad_token_id, model_device(model))
     with nethook.capture(model, list(names.values()), inputs=True) as store:
         model.base_model(input_ids=ids, attention_mask=mask)
     rows = torch.arange(len(requests), device=ids.device)
-    pos = None if fact_token is None else \
-        torch.tensor([fact_position(tok, r.prompt, r.subject, fact_token) for r in requests], device=ids.device)
+    pos = torch.tensor([fact_position(tok, r.prompt, r.subject, fact_token) for r in requests], device=ids.device)
     out = {}
     for key, name in names.items():
-        m = adapter.layers[key].change(store[name]).float().norm(dim=-1)  # (B, T), as the gate computes it
+        m = adapter.layers[key].change(store[name]).float().norm(dim=-1)  # (B, T)
         z = scope_zscores(m.double(), mask.bool())  # (B, T)
-        out[key] = z.max(1).values if pos is None else z[rows, pos]
+        out[key] = {"peak": z.max(1).values, "z": z[rows, pos]}
     return out
+
+
+@torch.no_grad()
+def update_scope(model, tok, adapter: CoachHooKAdapter, requests: list[EditRequest], cfg: CoachHooKConfig) -> None:
+    """After a batch: lower each layer's α so that every edit prompt fires. Layer by layer, because a
+    later layer's keys depend on where the earlier layers' hooks now fire."""
+    for key in sorted(adapter.layers, key=int):
+        st = edit_scope_stats(model, tok, adapter, requests, cfg.fact_token, [key])[key]
+        hook = adapter.layers[key]
+        z = st["z"] if cfg.alpha_rule == "fact_token" else st["peak"]
+        hook.alpha.copy_(torch.minimum(hook.alpha, z.min()))
 
 
 class CoachHooKEditor(C0Memo, Editor):
@@ -124,10 +136,7 @@ class CoachHooKEditor(C0Memo, Editor):
                 spread_over_layers(model, tok, requests, layers, cfg, z, solve, write)
             else:
                 self._train(model, tok, adapter, requests, layers, covs, info, cfg)
-        peaks = edit_zscores(model, tok, adapter, requests, cfg.fact_token if cfg.alpha_rule == "fact_token" else None)
-        with torch.no_grad():
-            for key, z in peaks.items():
-                adapter.layers[key].alpha.copy_(torch.minimum(adapter.layers[key].alpha, z.min().to(torch.float64)))
+        update_scope(model, tok, adapter, requests, cfg)
         info["alpha"] = {k: round(float(l.alpha), 4) for k, l in adapter.layers.items()}
 
         def undo():

@@ -16,6 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
+from memoe.evaluation.harness import describe_machine
 from memoe.evaluation.metrics import MetricsTable
 from memoe.io import write_text
 
@@ -62,8 +63,10 @@ def evals_section(results: list[tuple[str, dict]]) -> str:
         speed = "; ".join(f"{r['editor']} {r['mode']} b={r['batch_size']}: {r['edits_per_second']} edits/s, "
                           f"peak {r['peak_memory_mb']:.0f} MiB" for r in res["runs"])
         o = res["options"]
+        # files written before the machine was recorded: the device option, else this project's CPU machine
+        where = describe_machine(res["machine"]) if "machine" in res else (o.get("device") or "cpu")
         parts.append(f"**{res['dataset']['name']}, {res['dataset']['num_edits']} edits** (`{path}`; "
-                     f"modes {', '.join(o['modes'])}, batch sizes {o['batch_sizes']}):\n\n{t.markdown(cols)}\n\n{speed}. "
+                     f"modes {', '.join(o['modes'])}, batch sizes {o['batch_sizes']}; {where}):\n\n{t.markdown(cols)}\n\n{speed}. "
                      f"Scoring: {res['pre_scoring']['prompts_per_second']} prompts/s.")
     return "\n\n".join(parts)
 
@@ -86,7 +89,6 @@ def adapters_section(results: list[tuple[str, dict]]) -> str:
 
 def studies_section(results: list[tuple[str, dict]], figures: Path, readme_dir: Path) -> str:
     """Each study: what it asks, how it was run, its table (runs, winners, skips) and its plots."""
-    from memoe.evaluation.harness import describe_machine
     from memoe.evaluation.study import study_markdown
 
     parts = []

@@ -5,7 +5,7 @@ import torch
 from memoe.adapters import attach, attached, detach
 from memoe.editors import make_editor
 from memoe.editors.closed_form.solves import memit_solve
-from memoe.editors.coachhook import edit_zscores, rls_update
+from memoe.editors.coachhook import edit_scope_stats, rls_update
 from memoe.evaluation.harness import run_mode
 
 # The tiny testbed looks facts up at the prompt's last token (its causal trace).
@@ -36,8 +36,8 @@ def test_every_edit_prompt_fires_and_sequential_batches_work(tiny_testbed):
     editor = make_editor("coachhook", overrides=CFG)
     r1 = editor.apply(model, tok, [r.request for r in recs[:3]])
     adapter = editor.adapter(model)
-    for key, peaks in edit_zscores(model, tok, adapter, [r.request for r in recs[:3]]).items():
-        assert (peaks >= adapter.layers[key].alpha).all()
+    for key, st in edit_scope_stats(model, tok, adapter, [r.request for r in recs[:3]], "prompt_last").items():
+        assert (st["peak"] >= adapter.layers[key].alpha).all()
     assert float(adapter.layers["0"].alpha) <= 2.2
     bytes_one = adapter.memory_bytes()
     r2 = editor.apply(model, tok, [r.request for r in recs[3:]])
@@ -106,11 +106,19 @@ def test_fact_token_alpha_rule_opens_the_gate_where_the_keys_were_written(tiny_t
     editor = make_editor("coachhook", overrides={**CFG, "fact_token": "subject_last", "alpha_rule": "fact_token"})
     result = editor.apply(model, tok, reqs)
     adapter = editor.adapter(model)
-    at_fact = edit_zscores(model, tok, adapter, reqs, "subject_last")  # (N,) per layer: z at the subject's last token
-    peaks = edit_zscores(model, tok, adapter, reqs)
+    stats = edit_scope_stats(model, tok, adapter, reqs, "subject_last")  # (N,) per layer
     for key, layer in adapter.layers.items():
-        assert float(layer.alpha) == min(2.2, float(at_fact[key].min()))  # α: the smallest fact-token z-score
-        assert (at_fact[key] >= layer.alpha).all()  # so the gate (z >= α) is open at every edit's fact token
-        assert (at_fact[key] <= peaks[key]).all()
+        at_fact = stats[key]["z"]  # z at the subject's last token
+        assert float(layer.alpha) == min(2.2, float(at_fact.min()))  # α: the smallest fact-token z-score
+        assert (at_fact >= layer.alpha).all()  # so the gate (z >= α) is open at every edit's fact token
+        assert (at_fact <= stats[key]["peak"]).all()
+    # a second batch: α is set layer by layer, each layer's z-scores read with the earlier layers' new thresholds,
+    # so the same statistics recomputed afterwards give exactly the thresholds the editor set
+    before = {key: float(layer.alpha) for key, layer in adapter.layers.items()}
+    more = [r.request for r in tiny_testbed.dataset.records[4:8]]
+    editor.apply(model, tok, more)
+    for key, st in edit_scope_stats(model, tok, adapter, more, "subject_last").items():
+        assert float(adapter.layers[key].alpha) == min(before[key], float(st["z"].min()))
     result.restore()
     assert attached(model) == []
+

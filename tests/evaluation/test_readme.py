@@ -21,16 +21,20 @@ def test_readme_written_from_result_files(tmp_path):
               "options": {"modes": ["batch"], "batch_sizes": [3]}, "pre_scoring": {"prompts_per_second": 100.0},
               "runs": [{"editor": "ft", "mode": "batch", "batch_size": 3, "current": metrics, "final": None,
                         "edits_per_second": 2.5, "peak_memory_mb": 512.0}]}
+    gpu = {**result, "machine": {"platform": "x86_64", "cpus": 16, "device": "cuda:0", "gpu": "NVIDIA H200"}}
     (tmp_path / "r.json").write_text(json.dumps(report))
     (tmp_path / "e.json").write_text(json.dumps(result))
+    (tmp_path / "g.json").write_text(json.dumps(gpu))
     readme = tmp_path / "README.md"
     readme.write_text("# t\n<!-- results:testbeds -->\n<!-- /results:testbeds -->\n<!-- results:evals -->\n<!-- /results:evals -->\n")
-    main(str(readme), [str(tmp_path / "r.json")], [str(tmp_path / "e.json")])
+    main(str(readme), [str(tmp_path / "r.json")], [str(tmp_path / "e.json"), str(tmp_path / "g.json")])
     text = readme.read_text()
     assert "| synthetic-9 | 1,234 | 12 | 0.990 | 0.800 |" in text
     assert "+0.200 (0)" in text and "+0.100 (1)" in text  # last layer excluded from the peaks
     assert "| ft batch b=3 (current) | 1.000 | 0.500 | 0.750 | 0.700 |" in text
     assert "2.5 edits/s" in text
+    assert "batch sizes [3]; cpu)" in text  # a file from before the machine was recorded
+    assert "batch sizes [3]; x86_64, 16 CPU threads, cuda:0 (NVIDIA H200))" in text
 
 
 def test_adapter_section_from_train_metrics(tmp_path):
