@@ -76,13 +76,17 @@ def editor_config_path(name: str, overrides: dict) -> str | None:
     return str(p) if p.exists() else None
 
 
-def testbed_records(cfg: EvalConfig, tb_config: dict) -> EditDataset:
-    """The first ``cfg.num_edits`` records of the dataset a testbed (its saved config) was trained on."""
-    from memoe.config import from_dict
+def testbed_records(cfg: EvalConfig, meta: Path) -> EditDataset:
+    """The first ``cfg.num_edits`` records of the dataset a testbed was trained on (its ``testbed.json``)."""
+    from memoe.config import ConfigError, from_dict
     from memoe.testbed import TestbedConfig
     from memoe.testbed.build import make_corpus
 
-    tb = from_dict(TestbedConfig, {**tb_config, **({"data_path": cfg.data_path} if cfg.data_path else {})})
+    try:
+        saved = json.loads(meta.read_text())["config"]
+        tb = from_dict(TestbedConfig, {**saved, **({"data_path": cfg.data_path} if cfg.data_path else {})})
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+        raise ValueError(f"{meta}: not a memoe testbed description ({e})") from None
     if tb.dataset != cfg.dataset:
         raise ValueError(f"--model {cfg.model} is a testbed of dataset {tb.dataset!r}, not {cfg.dataset!r}")
     return first_records(make_corpus(tb)[0], cfg.num_edits)
@@ -103,7 +107,7 @@ def load_subject(cfg: EvalConfig):
         model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
         meta = Path(cfg.model).expanduser() / "testbed.json"
         if meta.is_file():  # a memoe testbed: edit the facts it learned (a synthetic world depends on its size)
-            return model, tok, testbed_records(cfg, json.loads(meta.read_text())["config"]), None
+            return model, tok, testbed_records(cfg, meta), None
         ds = load_edit_dataset(cfg.dataset, cfg.data_path, limit=cfg.num_edits, bad_records=cfg.bad_records, seed=cfg.seed)
         return model, tok, ds, None
     from memoe.testbed import TestbedConfig, build_testbed

@@ -134,3 +134,15 @@ def test_model_option_on_a_testbed_directory_edits_the_facts_it_learned(tiny_tes
         load_subject(EvalConfig(dataset="zsre", num_edits=3, model=str(tiny_testbed.path), device="cpu"))
     with pytest.raises(ValueError, match="exceeds the"):
         load_subject(EvalConfig(dataset="synthetic", num_edits=10**6, model=str(tiny_testbed.path), device="cpu"))
+
+
+def test_model_option_names_a_corrupt_testbed_description(tiny_testbed, tmp_path):
+    import shutil
+
+    from memoe.pipeline import EvalConfig, load_subject
+
+    copy = tmp_path / "tb"
+    shutil.copytree(tiny_testbed.path, copy)
+    (copy / "testbed.json").write_text('{"format": 1, "key": "x"')  # truncated
+    with pytest.raises(ValueError, match=r"testbed.json: not a memoe testbed description"):
+        load_subject(EvalConfig(dataset="synthetic", num_edits=3, model=str(copy), device="cpu"))
