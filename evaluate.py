@@ -5,7 +5,8 @@
     python evaluate.py --study batch-size --dataset counterfact   # a comparison study (configs/studies/)
 
 Writes ``--output`` (JSON: per editor and mode the pre-edit, current and final metrics, edit time, edits per
-second, peak memory, scoring throughput) and a Markdown table beside it; ``--plot`` adds PNG figures.
+second, peak memory, scoring throughput; per batch its time, efficacy and the editor's own figures such as
+CoachHooK's α; the machine) and a Markdown table beside it; ``--plot`` adds PNG figures.
 Without ``--model`` the editors run on the knowledge testbed of the dataset (built on first use, then cached).
 """
 

@@ -140,6 +140,14 @@ def batches_for(mode: str, n: int, batch_size: int) -> list[range]:
     return [range(s, min(n, s + b)) for s in range(0, n, b)]
 
 
+def info_summary(info: dict) -> dict:
+    """What of an edit's ``info`` each batch keeps in the result file: numbers, strings and flat maps of them
+    (CoachHooK's α per layer, training steps); lists such as per-step losses stay out, they would swamp the file."""
+    plain = (int, float, str, bool)
+    return {k: v for k, v in info.items()
+            if isinstance(v, plain) or (isinstance(v, dict) and all(isinstance(x, plain) for x in v.values()))}
+
+
 def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, batch_size: int = 1,
              pre: RawScores | None = None, score: ScoreOptions | None = None, progress: bool = True,
              label: str | None = None, checkpoint_every: int | None = None) -> RunResult:
@@ -176,7 +184,7 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
             part = sc(recs)
             current_parts.append(part)
             per_batch.append({"start": chunk.start, "size": len(chunk), "seconds": round(result.seconds, 4),
-                              "efficacy": compute_metrics(part)["cf_efficacy"]})
+                              "efficacy": compute_metrics(part)["cf_efficacy"], "info": info_summary(result.info)})
             if RESTORING[mode]:
                 live.pop().restore()
                 restores += 1

@@ -32,7 +32,7 @@ class SpyEditor(WeightEditor):
         self.seen.append(w[0, 0].item())
         d = torch.zeros_like(w)
         d[0, 0] = 1.0
-        return {PARAM: d}, {}
+        return {PARAM: d}, {"applied": len(self.seen), "alpha": {"0": 0.5}, "losses": [1.0, 0.5]}
 
 
 NO_FLUENCY = ScoreOptions(fluency_prompts=0)
@@ -54,6 +54,8 @@ def test_modes_apply_and_restore_as_defined(mode, batches, keeps, tiny_testbed):
     assert (r.final is not None) == keeps
     assert all(torch.equal(before[k], v) for k, v in tb.model.state_dict().items())
     assert r.num_edits == 6 and len(r.batches) == batches
+    # each batch keeps the editor's small facts (numbers, flat maps), not its lists
+    assert [b["info"] for b in r.batches] == [{"applied": i + 1, "alpha": {"0": 0.5}} for i in range(batches)]
     assert r.edits_per_second > 0 and r.peak_memory_mb > 0
 
 
