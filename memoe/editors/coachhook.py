@@ -65,18 +65,21 @@ def rls_update(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, cov: torch.Te
     return memit_solve(R, K, torch.add(C0.double(), cov.double(), alpha=1.0 / lam), lam)
 
 
+def _scope_inputs(tok, requests: list[EditRequest], fact_token: str, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The edit prompts as a padded batch (ids, mask: (N, T)) and their fact-token positions (N,)."""
+    ids, mask = pad_batch(tok([r.text for r in requests], add_special_tokens=True)["input_ids"], tok.pad_token_id, device)
+    pos = torch.tensor([fact_position(tok, r.prompt, r.subject, fact_token) for r in requests], device=ids.device)
+    return ids, mask, pos
+
+
 @torch.no_grad()
-def edit_scope_stats(model, tok, adapter: CoachHooKAdapter, requests: list[EditRequest], fact_token: str,
-                     layers: list[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """Per hook layer (all, or ``layers``), for each request prompt (N,): ``peak``, its largest scope z-score; ``z``,
-    its z-score at the fact token (as the gate computes them, with the hooks as they are now)."""
+def _scope_stats(model, adapter: CoachHooKAdapter, inputs, layers) -> dict[str, dict[str, torch.Tensor]]:
+    ids, mask, pos = inputs
     parts = model_parts(model)
-    names = {key: parts.name("down_proj", int(key)) for key in (layers or adapter.layers)}
-    ids, mask = pad_batch(tok([r.text for r in requests], add_special_tokens=True)["input_ids"], tok.pad_token_id, model_device(model))
+    names = {key: parts.name("down_proj", int(key)) for key in layers}
     with nethook.capture(model, list(names.values()), inputs=True) as store:
         model.base_model(input_ids=ids, attention_mask=mask)
-    rows = torch.arange(len(requests), device=ids.device)
-    pos = torch.tensor([fact_position(tok, r.prompt, r.subject, fact_token) for r in requests], device=ids.device)
+    rows = torch.arange(len(pos), device=ids.device)
     out = {}
     for key, name in names.items():
         m = adapter.layers[key].change(store[name]).float().norm(dim=-1)  # (B, T)
@@ -85,12 +88,19 @@ def edit_scope_stats(model, tok, adapter: CoachHooKAdapter, requests: list[EditR
     return out
 
 
+def edit_scope_stats(model, tok, adapter: CoachHooKAdapter, requests: list[EditRequest], fact_token: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Per hook layer, for each request prompt (N,): ``peak``, its largest scope z-score; ``z``, its z-score at the
+    fact token (as the gate computes them, with the hooks as they are now)."""
+    return _scope_stats(model, adapter, _scope_inputs(tok, requests, fact_token, model_device(model)), list(adapter.layers))
+
+
 @torch.no_grad()
 def update_scope(model, tok, adapter: CoachHooKAdapter, requests: list[EditRequest], cfg: CoachHooKConfig) -> None:
-    """After a batch: lower each layer's α so that every edit prompt fires. Layer by layer, because a
-    later layer's keys depend on where the earlier layers' hooks now fire."""
+    """After a batch: lower each layer's α so that every edit prompt fires. Layer by layer (one forward each),
+    because a later layer's keys depend on where the earlier layers' hooks now fire."""
+    inputs = _scope_inputs(tok, requests, cfg.fact_token, model_device(model))  # tokenised once for all layers
     for key in sorted(adapter.layers, key=int):
-        st = edit_scope_stats(model, tok, adapter, requests, cfg.fact_token, [key])[key]
+        st = _scope_stats(model, adapter, inputs, [key])[key]
         hook = adapter.layers[key]
         z = st["z"] if cfg.alpha_rule == "fact_token" else st["peak"]
         hook.alpha.copy_(torch.minimum(hook.alpha, z.min()))
