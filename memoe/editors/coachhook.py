@@ -29,8 +29,7 @@ from memoe.adapters.hooks import CoachHooKAdapter, HookConfig, scope_zscores
 from memoe.config import bounds
 from memoe.data.records import EditRequest
 from memoe.editors.base import Editor, EditResult
-from memoe.editors.closed_form.core import (C0Memo, ClosedFormConfig, batch_targets, compute_keys, edit_layers,
-                                            spread_over_layers)
+from memoe.editors.closed_form.core import C0Memo, ClosedFormConfig, compute_keys, edit_in_rounds, edit_layers
 from memoe.editors.closed_form.solves import memit_solve
 from memoe.evaluation.scoring import model_device, pad_batch
 from memoe.models.arch import model_parts
@@ -133,8 +132,6 @@ class CoachHooKEditor(C0Memo, Editor):
         hooks = {l: adapter.layers[str(l)] for l in layers}
         with adapter.forced():
             if cfg.update == "closed_form":
-                z = batch_targets(model, tok, requests, layers[-1], cfg, info)
-
                 def solve(l, R, K):
                     return rls_update(R, K, covs[l].to(K.device), hooks[l].cov, cfg.mom2_update_weight)
 
@@ -143,7 +140,7 @@ class CoachHooKEditor(C0Memo, Editor):
                         hooks[l].delta.add_(delta.to(hooks[l].delta.dtype))
                         hooks[l].cov.add_(K @ K.T)
 
-                spread_over_layers(model, tok, requests, layers, cfg, z, solve, write)
+                edit_in_rounds(model, tok, requests, layers, cfg, solve, write, info)
             else:
                 self._train(model, tok, adapter, requests, layers, covs, info, cfg)
         update_scope(model, tok, adapter, requests, cfg)

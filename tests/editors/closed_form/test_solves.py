@@ -71,3 +71,12 @@ def test_ill_conditioned_system_warns_and_falls_back_to_ridge(mats):
 def test_shape_mismatch_is_clear():
     with pytest.raises(ValueError, match="cannot solve"):
         spd_solve(torch.eye(3), torch.ones(4, 1), "test system")
+
+
+def test_emmet_with_a_ridge_is_memit_with_that_lambda(mats):
+    # Woodbury: Kᵀ(λC + KKᵀ)⁻¹ = (KᵀC⁻¹K + λI)⁻¹KᵀC⁻¹, so EMMET's λ_e ridge is MEMIT's λ (README, closed-form core)
+    W, C, K, V = mats
+    R = V - W @ K
+    for lam in (0.5, 30.0):
+        assert torch.allclose(emmet_solve(R, K, C, lam), memit_solve(R, K, C, lam), atol=1e-9)
+    assert not torch.allclose(emmet_solve(R, K, C, 0.0), memit_solve(R, K, C, 1e-3), atol=1e-6)
