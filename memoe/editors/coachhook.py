@@ -56,6 +56,12 @@ class CoachHooKConfig(ClosedFormConfig):
     trainer: TrainerOptions = field(default_factory=TrainerOptions)
     """``update: lightning``: Lightning Trainer options."""
 
+    def __post_init__(self):
+        if self.update == "lightning" and self.rounds != 1:
+            from memoe.config import ConfigError
+
+            raise ConfigError(f"config key 'rounds': {self.rounds} rounds need update: closed_form (training has its own stop)")
+
 
 def rls_update(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, cov: torch.Tensor, lam: float) -> torch.Tensor:
     """ΔD = R Kᵀ (λ C0 + cov + K Kᵀ)⁻¹ (float64), written as MEMIT's solve with C = C0 + cov / λ."""

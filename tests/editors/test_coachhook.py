@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from memoe.adapters import attach, attached, detach
@@ -122,3 +123,19 @@ def test_fact_token_alpha_rule_opens_the_gate_where_the_keys_were_written(tiny_t
     result.restore()
     assert attached(model) == []
 
+
+
+def test_rounds_are_further_recursive_updates_and_need_the_closed_form(tiny_testbed):
+    from memoe.config import ConfigError
+
+    tok, reqs = tiny_testbed.tokenizer, [r.request for r in tiny_testbed.dataset.records[:3]]
+    traces = {}
+    for rounds in (1, 2):
+        model = copy.deepcopy(tiny_testbed.model)
+        editor = make_editor("coachhook", overrides={**CFG, "rounds": rounds})
+        result = editor.apply(model, tok, reqs)
+        assert result.info["rounds"] == rounds
+        traces[rounds] = float(editor.adapter(model).layers["0"].cov.trace())
+    assert traces[2] > 1.5 * traces[1]  # the batch's keys entered Σ K Kᵀ once per round
+    with pytest.raises(ConfigError, match="'rounds'"):
+        make_editor("coachhook", overrides={**CFG, "update": "lightning", "rounds": 2})

@@ -239,14 +239,16 @@ def batch_targets(model, tok, requests, layer: int, cfg: ClosedFormConfig, info:
 
 def edit_in_rounds(model, tok, requests, layers: list[int], cfg: ClosedFormConfig, solve, write, info: dict) -> None:
     """Targets at the last edit layer, then :func:`spread_over_layers`; ``cfg.rounds`` times, each round on the model
-    as the earlier ones left it (``write`` puts updates in place), stopping once every target is met."""
-    info["rounds"] = 0
+    as the earlier ones left it (``write`` puts updates in place), stopping once every target is met.
+    ``info["rounds"]``: the most rounds any call inserted (ROME calls this once per request)."""
+    done = 0
     for _ in range(cfg.rounds):
         z, met = batch_targets(model, tok, requests, layers[-1], cfg, info)
-        if met and info["rounds"]:
+        if met and done:
             break  # nothing left to insert
         spread_over_layers(model, tok, requests, layers, cfg, z, solve, write)
-        info["rounds"] += 1
+        done += 1
+    info["rounds"] = max(info.get("rounds", 0), done)
 
 
 class ClosedFormEditor(C0Memo, WeightEditor):
