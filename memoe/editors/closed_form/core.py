@@ -151,7 +151,7 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
 
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
-    losses = []
+    losses, met = [], False
     try:
         for step in range(cfg.v_steps):
             with nethook.patch(model, {out_name: add_delta}):
@@ -166,6 +166,7 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
             loss = req_nll.mean() + cfg.kl_factor * kl + cfg.v_weight_decay * decay
             losses.append(round(req_nll.mean().item(), 4))
             if req_nll.max().item() < cfg.v_stop_loss:
+                met = True
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -179,7 +180,8 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
     z = (h_init + delta.detach()).double().T  # (H, N)
-    return z, {"target_losses": losses, "target_steps": len(losses), "target_nll": [round(x, 4) for x in req_nll.tolist()]}
+    return z, {"target_losses": losses, "target_steps": len(losses), "target_nll": [round(x, 4) for x in req_nll.tolist()],
+               "met_at_start": met and len(losses) == 1}
 
 
 class C0Memo:
@@ -230,11 +232,10 @@ def batch_targets(model, tok, requests, layer: int, cfg: ClosedFormConfig, info:
     if cfg.batched_targets:
         z, inf = compute_targets(model, tok, requests, layer, cfg)
         info.setdefault("target_losses", []).append(inf["target_losses"])
-        return z, inf["target_steps"] == 1 and max(inf["target_nll"]) < cfg.v_stop_loss
+        return z, inf["met_at_start"]
     zs = [compute_targets(model, tok, [r], layer, cfg) for r in requests]
     info.setdefault("target_losses", []).extend(i["target_losses"] for _, i in zs)
-    met = all(i["target_steps"] == 1 and i["target_nll"][0] < cfg.v_stop_loss for _, i in zs)
-    return torch.cat([x for x, _ in zs], dim=1), met
+    return torch.cat([x for x, _ in zs], dim=1), all(i["met_at_start"] for _, i in zs)
 
 
 def edit_in_rounds(model, tok, requests, layers: list[int], cfg: ClosedFormConfig, solve, write, info: dict) -> None:
