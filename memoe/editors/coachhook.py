@@ -14,11 +14,16 @@ Batch t of edits, with the hooks of batches < t attached and *forced* on at ever
    every edit prompt fires somewhere (``alpha_rule: fact_token``: of the z-score at the fact token, so every edit
    prompt fires where its keys were written).
 
+With ``rounds`` > 1 (the closed-form core's target-and-insert rounds), steps 1-2 repeat on the hooks as the
+earlier rounds left them; ``later_rounds: gated`` runs those rounds through the scope gate (α lowered as in step 3
+first) instead of the forced hook, so that they correct the edit as it will be used.
+
 The base weights never change; ``restore()`` rewinds the hook memory (or detaches hooks the edit created).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +54,11 @@ class CoachHooKConfig(ClosedFormConfig):
     """After a batch α drops to the smallest, over its edit prompts, of the prompt's largest z-score (``prompt_peak``,
     the paper's) or of the z-score at the fact token, where the batch's keys were written (``fact_token``, ours: each
     edit then fires where it was written, not only somewhere in its prompt)."""
+    later_rounds: str = field(default="forced", metadata=bounds(choices=("forced", "gated")))
+    """With ``rounds`` > 1, how the hooks act in the rounds after the first: ``forced`` at every token, as the first
+    round's temporary hook; ``gated`` through the scope gate, α first lowered as after a batch so that every edit
+    prompt fires (ours): a later round then corrects the edit as it will be used, where other tokens' hook outputs
+    do not fire."""
     update: str = field(default="closed_form", metadata=bounds(choices=("closed_form", "lightning")))
     """How a batch is written into the hooks: the recursive closed form, or gradient training with Lightning."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(kl_factor=0.0, aux_factor=1.0))
@@ -136,18 +146,24 @@ class CoachHooKEditor(C0Memo, Editor):
             covs = self.layer_covs(model, tok, layers)  # the unedited base's statistics
         info: dict = {"layers": layers}
         hooks = {l: adapter.layers[str(l)] for l in layers}
-        with adapter.forced():
-            if cfg.update == "closed_form":
-                def solve(l, R, K):
-                    return rls_update(R, K, covs[l].to(K.device), hooks[l].cov, cfg.mom2_update_weight)
+        if cfg.update == "closed_form":
+            def solve(l, R, K):
+                return rls_update(R, K, covs[l].to(K.device), hooks[l].cov, cfg.mom2_update_weight)
 
-                def write(l, delta, K):
-                    with torch.no_grad():
-                        hooks[l].delta.add_(delta.to(hooks[l].delta.dtype))
-                        hooks[l].cov.add_(K @ K.T)
+            def write(l, delta, K):
+                with torch.no_grad():
+                    hooks[l].delta.add_(delta.to(hooks[l].delta.dtype))
+                    hooks[l].cov.add_(K @ K.T)
 
-                edit_in_rounds(model, tok, requests, layers, cfg, solve, write, info)
-            else:
+            def round_context(i: int):
+                if i == 0 or cfg.later_rounds == "forced":
+                    return adapter.forced()
+                update_scope(model, tok, adapter, requests, cfg)
+                return contextlib.nullcontext()
+
+            edit_in_rounds(model, tok, requests, layers, cfg, solve, write, info, round_context)
+        else:
+            with adapter.forced():
                 self._train(model, tok, adapter, requests, layers, covs, info, cfg)
         update_scope(model, tok, adapter, requests, cfg)
         info["alpha"] = {k: round(float(l.alpha), 4) for k, l in adapter.layers.items()}

@@ -139,3 +139,32 @@ def test_rounds_are_further_recursive_updates_and_need_the_closed_form(tiny_test
     assert traces[2] > 1.5 * traces[1]  # the batch's keys entered Σ K Kᵀ once per round
     with pytest.raises(ConfigError, match="'rounds'"):
         make_editor("coachhook", overrides={**CFG, "update": "lightning", "rounds": 2})
+
+
+@pytest.mark.parametrize("later", ["forced", "gated"])
+def test_later_rounds_run_with_hooks_forced_or_through_the_opened_gate(tiny_testbed, monkeypatch, later):
+    import memoe.editors.closed_form.core as core
+
+    model = copy.deepcopy(tiny_testbed.model)
+    tok, reqs = tiny_testbed.tokenizer, [r.request for r in tiny_testbed.dataset.records[:3]]
+    seen = []  # per round: (hooks forced?, does every edit prompt pass α at its peak z-score?)
+    original = core.batch_targets
+
+    def spy(model, *args, **kwargs):
+        adapter = next(a for a in attached(model))
+        forced = {layer.force for layer in adapter.layers.values()}
+        with torch.no_grad():
+            fires = all(bool((st["peak"] >= adapter.layers[k].alpha).all())
+                        for k, st in edit_scope_stats(model, tok, adapter, reqs, CFG["fact_token"]).items())
+        seen.append((forced, fires))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(core, "batch_targets", spy)
+    editor = make_editor("coachhook", overrides={**CFG, "rounds": 3, "v_stop_loss": 0.0, "later_rounds": later})
+    assert editor.apply(model, tok, reqs).info["rounds"] == 3
+    assert seen[0][0] == {True}  # the first round: the paper's temporary hook, on at every token
+    for forced, fires in seen[1:]:
+        if later == "forced":
+            assert forced == {True}
+        else:  # the scope gate decides, and α was lowered first so that every edit prompt fires
+            assert forced == {False} and fires

@@ -18,6 +18,7 @@ A method is then only its solve and its config (``rome.py``, ``memit.py``, ``emm
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from abc import abstractmethod
 from dataclasses import dataclass, field
@@ -238,16 +239,19 @@ def batch_targets(model, tok, requests, layer: int, cfg: ClosedFormConfig, info:
     return torch.cat([x for x, _ in zs], dim=1), all(i["met_at_start"] for _, i in zs)
 
 
-def edit_in_rounds(model, tok, requests, layers: list[int], cfg: ClosedFormConfig, solve, write, info: dict) -> None:
+def edit_in_rounds(model, tok, requests, layers: list[int], cfg: ClosedFormConfig, solve, write, info: dict,
+                   round_context=None) -> None:
     """Targets at the last edit layer, then :func:`spread_over_layers`; ``cfg.rounds`` times, each round on the model
     as the earlier ones left it (``write`` puts updates in place), stopping once every target is met.
+    ``round_context(i)``, if given, is the context manager round ``i`` (from 0) runs in (CoachHooK: how its hooks act).
     ``info["rounds"]``: the most rounds any call inserted (ROME calls this once per request)."""
     done = 0
-    for _ in range(cfg.rounds):
-        z, met = batch_targets(model, tok, requests, layers[-1], cfg, info)
-        if met and done:
-            break  # nothing left to insert
-        spread_over_layers(model, tok, requests, layers, cfg, z, solve, write)
+    for i in range(cfg.rounds):
+        with round_context(i) if round_context else contextlib.nullcontext():
+            z, met = batch_targets(model, tok, requests, layers[-1], cfg, info)
+            if met and done:
+                break  # nothing left to insert
+            spread_over_layers(model, tok, requests, layers, cfg, z, solve, write)
         done += 1
     info["rounds"] = max(info.get("rounds", 0), done)
 
