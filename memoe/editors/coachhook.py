@@ -31,7 +31,7 @@ import torch
 from memoe import nethook
 from memoe.adapters.bypass import attached
 from memoe.adapters.hooks import CoachHooKAdapter, HookConfig, scope_zscores
-from memoe.config import bounds
+from memoe.config import ConfigError, bounds
 from memoe.data.records import EditRequest
 from memoe.editors.base import Editor, EditResult
 from memoe.editors.closed_form.core import C0Memo, ClosedFormConfig, compute_keys, edit_in_rounds, edit_layers
@@ -68,8 +68,6 @@ class CoachHooKConfig(ClosedFormConfig):
 
     def __post_init__(self):
         if self.update == "lightning" and self.rounds != 1:
-            from memoe.config import ConfigError
-
             raise ConfigError(f"config key 'rounds': {self.rounds} rounds need update: closed_form (training has its own stop)")
 
 
