@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from memoe.adapters import attach, attached, detach
+from memoe.config import ConfigError
 from memoe.editors import make_editor
 from memoe.editors.closed_form.solves import memit_solve
 from memoe.editors.coachhook import edit_scope_stats, rls_update
@@ -124,10 +125,7 @@ def test_fact_token_alpha_rule_opens_the_gate_where_the_keys_were_written(tiny_t
     assert attached(model) == []
 
 
-
 def test_rounds_are_further_recursive_updates_and_need_the_closed_form(tiny_testbed):
-    from memoe.config import ConfigError
-
     tok, reqs = tiny_testbed.tokenizer, [r.request for r in tiny_testbed.dataset.records[:3]]
     traces = {}
     for rounds in (1, 2):
