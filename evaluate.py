@@ -36,7 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="seed (default: 0)")
     p.add_argument("--output", help="result JSON path (default: runs/eval.json); the table goes to the same path with .md")
     p.add_argument("--plot", action="store_true", default=None, help="draw metrics against batch size / number of edits (PNG)")
-    p.add_argument("--model", help="local Hugging Face checkpoint to edit instead of the testbed (a memoe testbed folder: the records it learned)")
+    p.add_argument("--model", help="real model to edit instead of the testbed: a preset (smollm2-135m), a .gguf file or a "
+                   "Hugging Face folder (a memoe testbed folder: the records it learned); editor configs come from "
+                   "configs/editors/<model>/")
+    p.add_argument("--known-only", action="store_true", default=None,
+                   help="edit only records the unedited model knows (prefers the true target over the new one), the first --num-edits such")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of --model (default: float32)")
     p.add_argument("--device", help="device of --model (default: cuda if available, else cpu) or of the testbed (default: cpu)")
     p.add_argument("--testbed-config", help="testbed YAML (default: configs/testbed/<dataset>.yaml)")
@@ -45,7 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bad-records", choices=("error", "skip"), help="bad records in real data: error, or skip with a warning (default: skip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--trace", action="store_true", help="run a causal trace of the model instead of editing")
-    p.add_argument("--trace-facts", type=int, default=50, help="facts averaged by --trace (default: 50)")
+    p.add_argument("--trace-facts", type=int, default=50, help="known facts averaged by --trace (default: 50)")
+    p.add_argument("--trace-known", choices=("greedy", "prefers_true", "all"), default="greedy",
+                   help="which facts --trace keeps: the greedy next token is the true target's first (default, ROME), "
+                        "P(true) > P(new), or all")
+    p.add_argument("--trace-samples", type=int, default=2, help="noise samples per fact (default: 2; ROME: 10)")
+    p.add_argument("--trace-window", type=int, default=10, help="layers restored together for MLP and attention (default: 10, ROME)")
     p.add_argument("--study", metavar="NAME", help="run a comparison study: a name in configs/studies/ (batch-size, "
                    "layers, lifelong, ...) or a YAML path; --dataset, --data-path, --num-edits, --editor, --mode, "
                    "--batch-size, --model, --dtype, --device, --testbed-config, --seed and --output override it. "
@@ -56,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def setup(args: argparse.Namespace) -> EvalConfig:
     """Options (YAML, then command line on top) -> a validated :class:`EvalConfig`."""
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "editor_config", "no_progress", "trace", "trace_facts", "study", "restart")}
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("config", "editor_config", "no_progress", "study", "restart") and not k.startswith("trace")}
     if args.no_progress:
         overrides["progress"] = False
     if args.editor_config:
@@ -75,22 +85,64 @@ def editor_config_pairs(items: list[str]) -> dict[str, str]:
     return pairs
 
 
-def trace_main(cfg: EvalConfig, n_facts: int) -> None:
-    from memoe.io import write_json
+def trace_pool(cfg: EvalConfig):
+    """(model, tokenizer, candidate records) for --trace: every record of the dataset (the testbed's, or the real
+    file's); for CounterFact on a real model also EasyEdit's 2,000-record file when it lies in the data folder,
+    since a small model knows few facts well enough to trace."""
+    from memoe.data import load_edit_dataset
+    from memoe.data.loaders import DEFAULT_FILES, default_data_dir
+    from memoe.models import load_model
     from memoe.pipeline import load_subject
+
+    if not cfg.model or (Path(cfg.model).expanduser() / "testbed.json").is_file():
+        model, tok, ds, tb = load_subject(cfg)
+        return model, tok, (tb.dataset.records if tb else ds.records)
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+    records = load_edit_dataset(cfg.dataset, cfg.data_path, bad_records=cfg.bad_records, seed=cfg.seed).records
+    extra = default_data_dir() / DEFAULT_FILES["counterfact-easyedit"]
+    if cfg.dataset == "counterfact" and not cfg.data_path and extra.is_file():
+        records = records + load_edit_dataset("counterfact-easyedit", str(extra), bad_records="skip").records
+    return model, tok, records
+
+
+def trace_main(cfg: EvalConfig, args: argparse.Namespace) -> None:
+    import time
+
+    from memoe.evaluation.known import select_known
+    from memoe.io import write_json
     from memoe.trace import causal_trace, plot_trace
 
-    model, tok, ds, _ = load_subject(cfg)
-    facts = [(r.request.prompt, r.request.subject, r.request.target_true) for r in ds.records[:n_facts] if r.request.target_true]
-    result = causal_trace(model, tok, facts, progress=cfg.progress, seed=cfg.seed)
+    model, tok, pool = trace_pool(cfg)
+    t0 = time.perf_counter()
+    pool = [r for r in pool if r.request.target_true]
+    if args.trace_known == "all":
+        facts, selection = pool[: args.trace_facts], {"rule": "all", "tried": min(len(pool), args.trace_facts)}
+        selection["kept"] = len(facts)
+    else:
+        facts, selection = select_known(model, tok, pool, args.trace_facts, args.trace_known, cfg.score_batch_size)
+    selection["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"trace: {selection['kept']} known facts ({selection['rule']}) among the first {selection['tried']} candidate "
+          f"records ({selection['seconds']} s)", flush=True)
+    if not facts:
+        raise ValueError(f"no fact among {selection['tried']} records is known to the model under --trace-known "
+                         f"{args.trace_known}; try --trace-known prefers_true or all")
+    t0 = time.perf_counter()
+    result = causal_trace(model, tok, [(r.request.prompt, r.request.subject, r.request.target_true) for r in facts],
+                          samples=args.trace_samples, window=args.trace_window, progress=cfg.progress, seed=cfg.seed)
+    result.selection = selection
+    result.settings["seconds"] = round(time.perf_counter() - t0, 1)
+    result.settings["model"] = cfg.model or "testbed"
     out = Path(cfg.output).with_name(Path(cfg.output).stem + "-trace")
     write_json(out.with_suffix(".json"), result.to_dict())
-    plot_trace(result, str(out.with_suffix(".png")), title=f"causal trace, {cfg.dataset}")
-    print(f"p clean {result.p_clean:.3f}, corrupted {result.p_corrupt:.3f} over {result.n_facts} facts")
-    for kind in ("mlp", "hidden"):
+    plot_trace(result, str(out.with_suffix(".png")), title=f"causal trace, {cfg.model or 'testbed'}, {cfg.dataset}")
+    print(f"p clean {result.p_clean:.3f}, corrupted {result.p_corrupt:.3f} over {result.n_facts} facts "
+          f"({result.settings['seconds']} s)")
+    for kind in result.effects:
         for pos, vals in result.effects[kind].items():
-            print(f"{kind:<6} {pos:<14} " + " ".join(f"{v:+.3f}" for v in vals))
-    print(f"MLP peak {result.peak('mlp')}; wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+            print(f"{kind:<6} {pos:<14} " + " ".join("  nan " if v != v else f"{v:+.3f}" for v in vals))
+    for kind in result.effects:
+        print(f"peak {kind}: {result.peak(kind)}")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
 def study_main(args: argparse.Namespace) -> int:
@@ -98,7 +150,8 @@ def study_main(args: argparse.Namespace) -> int:
 
     over = {"dataset": args.dataset, "data_path": args.data_path, "num_edits": args.num_edits, "editors": args.editors,
             "modes": args.modes, "batch_sizes": args.batch_sizes, "model": args.model, "dtype": args.dtype,
-            "device": args.device, "testbed_config": args.testbed_config, "seed": args.seed, "output": args.output}
+            "device": args.device, "testbed_config": args.testbed_config, "seed": args.seed, "output": args.output,
+            "known_only": args.known_only}
     if args.no_progress:
         over["progress"] = False
     try:
@@ -132,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.trace:
-            trace_main(cfg, args.trace_facts)
+            trace_main(cfg, args)
             return 0
         result = run_evaluation(cfg)
-    except (ConfigError, FileNotFoundError, RecordError, KeyError, IndexError) as e:
+    except (ConfigError, FileNotFoundError, RecordError, KeyError, IndexError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result["testbed"]:

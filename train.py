@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from memoe.config import ConfigError, bounds, load_config
+from memoe.data import RecordError
 from memoe.training import TrainerOptions
 
 
@@ -39,12 +40,16 @@ class TrainJob:
     testbed_config: str | None = None
     """Testbed YAML (default ``configs/testbed/<dataset>.yaml``)."""
     model: str | None = None
-    """A local checkpoint (e.g. Llama-3-8B) to train on instead of the testbed."""
+    """A real model to train on instead of the testbed: a preset (``smollm2-135m``), a GGUF file or a Hugging Face
+    folder (e.g. Llama-3-8B). The MEMoE config then comes from ``configs/editors/<model>/memoe.yaml`` unless
+    ``editor_config`` is given."""
+    known_only: bool = False
+    """Train only on records the unedited model knows (prefers the true target over the new one)."""
     dtype: str = field(default="float32", metadata=bounds(choices=("float32", "bfloat16", "float16")))
     """dtype of ``model``."""
     output_dir: str = "runs/memoe-adapter"
     """Where the adapter is saved (and ``metrics.json`` beside it)."""
-    max_steps: int | None = None
+    max_steps: int | None = field(default=None, metadata=bounds(1))
     """Override the config's maximum training steps."""
     seed: int = 0
     """Seed of training (row order, router noise)."""
@@ -61,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-edits", type=int, help="edits to train on (default: 100)")
     p.add_argument("--editor-config", help="MEMoE YAML (default: configs/editors/memoe.yaml)")
     p.add_argument("--testbed-config", help="testbed YAML (default: configs/testbed/<dataset>.yaml)")
-    p.add_argument("--model", help="local Hugging Face checkpoint instead of the testbed")
+    p.add_argument("--model", help="real model instead of the testbed: a preset (smollm2-135m), a .gguf file or a Hugging Face folder")
+    p.add_argument("--known-only", action="store_true", default=None,
+                   help="train only on records the unedited model knows (prefers the true target over the new one)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="dtype of --model")
     p.add_argument("--output-dir", help="adapter folder (default: runs/memoe-adapter)")
     p.add_argument("--max-steps", type=int, help="maximum training steps (default: from the config)")
@@ -97,34 +104,39 @@ def main(argv: list[str] | None = None) -> int:
     from memoe.editors import make_editor
     from memoe.evaluation.metrics import MetricsTable, compute_metrics, raw_scores
     from memoe.io import write_json
-    from memoe.pipeline import CONFIG_DIR, EvalConfig, load_subject
+    from memoe.pipeline import EvalConfig, editor_config_path, load_subject
     from memoe.testbed import format_report
     from memoe.training import fit_adapter
 
     try:
         job = setup(parse_args(argv))
-        editor = make_editor("memoe", job.editor_config or str(CONFIG_DIR / "editors" / "memoe.yaml"))
+        editor = make_editor("memoe", editor_config_path("memoe", {"memoe": job.editor_config} if job.editor_config else {}, job.model))
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = editor.config
     cfg.train.seed = job.seed
-    if job.max_steps:
+    if job.max_steps is not None:
         cfg.train.max_steps = job.max_steps
-    subject = load_subject(EvalConfig(dataset=job.dataset, data_path=job.data_path, num_edits=job.num_edits, model=job.model,
-                                      dtype=job.dtype, testbed_config=job.testbed_config, progress=job.progress))
-    model, tok, ds, tb = subject
-    records = ds.records
-    requests = [r.request for r in records]
-    rank0 = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"  # DDP relaunches this script
-    if tb is not None and rank0:
-        print(format_report(tb.report))
-        print(f"(cached at {tb.path})\n")
-    pre = raw_scores(model, tok, records) if rank0 else None
+    try:
+        subject = load_subject(EvalConfig(dataset=job.dataset, data_path=job.data_path, num_edits=job.num_edits,
+                                          model=job.model, dtype=job.dtype, testbed_config=job.testbed_config,
+                                          progress=job.progress, known_only=job.known_only))
+        model, tok, ds, tb = subject
+        records = ds.records
+        requests = [r.request for r in records]
+        rank0 = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"  # DDP relaunches this script
+        if tb is not None and rank0:
+            print(format_report(tb.report))
+            print(f"(cached at {tb.path})\n")
+        pre = raw_scores(model, tok, records) if rank0 else None
 
-    adapter = MEMoEAdapter.create(model, tok, cfg.adapter).attach(model)
-    adapter.add_anchors(tok, [r.subject for r in requests])
-    info = fit_adapter(model, tok, adapter, requests, cfg.train, job.trainer)
+        adapter = MEMoEAdapter.create(model, tok, cfg.adapter).attach(model)
+        adapter.add_anchors(tok, [r.subject for r in requests])
+        info = fit_adapter(model, tok, adapter, requests, cfg.train, job.trainer)
+    except (ConfigError, FileNotFoundError, RecordError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     seconds = info["seconds"]
     trainer = info.pop("trainer")
     if not trainer.is_global_zero:
@@ -139,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         runs[f"gate {'on' if gate else 'off'}"] = m = compute_metrics(raw_scores(model, tok, records), pre)
         table.add(f"memoe, gate {'on' if gate else 'off'}", m)
     adapter.config.gate_unanchored = cfg.adapter.gate_unanchored
-    result = {"options": asdict(job), "editor_config": asdict(cfg), "dataset": {"name": ds.name, "num_edits": len(records)},
+    result = {"options": asdict(job), "editor_config": asdict(cfg),
+              "dataset": {"name": ds.name, "num_edits": len(records), "selection": ds.meta.get("selection")},
               "train": {**info, "seconds": round(seconds, 2), "edits_per_second": round(len(records) / seconds, 3),
                         "devices": trainer.num_devices, "strategy": type(trainer.strategy).__name__},
               "pre": compute_metrics(pre, pre), "adapter": runs, "peak_rss_mb": _peak_rss_mb(),

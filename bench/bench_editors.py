@@ -46,13 +46,16 @@ from memoe.testbed import TestbedConfig, build_testbed
 class Bench:
     """The model under test, the testbed's edits, and how each editor is configured."""
 
-    def __init__(self, model, tok, records, corpus: Path, config_suffix: str, overrides: dict, deadline: float):
-        self.model, self.tok, self.records, self.corpus = model, tok, records, corpus
+    def __init__(self, model, tok, records, corpus: Path | None, config_suffix: str, overrides: dict, deadline: float,
+                 model_key: str | None = None):
+        self.model, self.tok, self.records, self.corpus, self.model_key = model, tok, records, corpus, model_key
         self.device = next(model.parameters()).device
         self.config_suffix, self.overrides, self.deadline = config_suffix, overrides, deadline
         self.notes: list[str] = []
 
     def config_path(self, name: str) -> str | None:
+        if self.model_key and (CONFIG_DIR / "editors" / self.model_key / f"{name}.yaml").exists():
+            return str(CONFIG_DIR / "editors" / self.model_key / f"{name}.yaml")  # the config made for this model
         for stem in ([f"{name}-{self.config_suffix}"] if self.config_suffix else []) + [name]:
             p = CONFIG_DIR / "editors" / f"{stem}.yaml"
             if p.exists():
@@ -63,7 +66,8 @@ class Bench:
         """``name`` with its config, the testbed's text as C0 corpus and the ``--set`` overrides, each where the
         editor's config has that key."""
         keys = {f.name for f in dataclasses.fields(editor_class(name).Config)}
-        over = {k: v for k, v in {"stats_corpus": str(self.corpus), **self.overrides}.items() if k in keys}
+        corpus = {"stats_corpus": str(self.corpus)} if self.corpus else {}  # a real model keeps its config's corpus
+        over = {k: v for k, v in {**corpus, **self.overrides}.items() if k in keys}
         return make_editor(name, self.config_path(name), over)
 
     def time_left(self) -> bool:
@@ -138,7 +142,7 @@ def inference_overhead(b: Bench, repeats: int) -> list[dict]:
 
 
 def load_bench(model: str, config: str, device: str | None, dtype: str, config_suffix: str, overrides: dict, deadline: float) -> tuple[Bench, dict]:
-    from memoe.models import default_device, load_model, random_model, resolve_dtype
+    from memoe.models import default_device, load_model, model_key, random_model, resolve_dtype
 
     tb = build_testbed(load_config(TestbedConfig, config), progress=True, verbose=False)
     device = device or default_device()
@@ -155,7 +159,9 @@ def load_bench(model: str, config: str, device: str | None, dtype: str, config_s
                 parameters=sum(p.numel() for p in m.parameters()))
     if m.device.type == "cuda":
         info["weights_mib"] = round(torch.cuda.memory_allocated(m.device) / 2**20)
-    return Bench(m, tok, tb.dataset.records, tb.path / "corpus.txt", config_suffix, overrides, deadline), info
+    real = model not in ("testbed",) and not model.startswith("random:")
+    return Bench(m, tok, tb.dataset.records, None if real else tb.path / "corpus.txt", config_suffix, overrides, deadline,
+                 model_key(model) if real else None), info
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -233,7 +239,8 @@ if __name__ == "__main__":
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100, 1000], help="batch sizes (default: 1 10 100 1000)")
     p.add_argument("--min-edits", type=int, default=10, help="edits timed at least, as several batches when B is smaller (default: 10)")
     p.add_argument("--config", default=str(CONFIG_DIR / "testbed" / "synthetic.yaml"), help="testbed YAML: the edits and C0 text (and the model by default)")
-    p.add_argument("--model", default="testbed", help="testbed (default), a local checkpoint directory, or random:SHAPE (llama3-8b, llama3-mini)")
+    p.add_argument("--model", default="testbed", help="testbed (default), a preset (smollm2-135m), a .gguf file, a Hugging Face folder, "
+                   "or random:SHAPE (llama3-8b, llama3-mini); a real model uses configs/editors/<model>/ where it has them")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
     p.add_argument("--config-suffix", default="", help="use configs/editors/<name>-<suffix>.yaml where it exists (e.g. llama3-8b)")

@@ -22,16 +22,22 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names it."""
 
 
-def bounds(lo: float | None = None, hi: float | None = None, choices: tuple | None = None) -> dict:
-    """Field metadata: inclusive numeric bounds, or a set of allowed values."""
-    return {"lo": lo, "hi": hi, "choices": choices}
+def bounds(lo: float | None = None, hi: float | None = None, choices: tuple | None = None, nonempty: bool = False) -> dict:
+    """Field metadata: inclusive numeric bounds (of a value, or of each item of a list), a set of allowed values,
+    and for a list whether it may be empty."""
+    return {"lo": lo, "hi": hi, "choices": choices, "nonempty": nonempty}
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -65,6 +71,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; it is a number all the same
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
         return float(value)
@@ -90,6 +101,8 @@ def check_bounds(cfg: Any, prefix: str = "") -> None:
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         lo, hi, choices = (f.metadata.get(k) for k in ("lo", "hi", "choices"))
+        if f.metadata.get("nonempty") and isinstance(v, (list, tuple)) and not v:
+            raise ConfigError(f"config key {prefix}{f.name!r}: needs at least one value, got []")
         items = v if isinstance(v, (list, tuple)) else [v]
         for x in items:
             if x is None:

@@ -41,11 +41,18 @@ def hooks(model: nn.Module, forward: dict[str, HookFn] | None = None,
             h.remove()
 
 
+class StopForward(Exception):
+    """Raised by a ``capture(..., stop=True)`` hook once everything asked for is recorded."""
+
+
 @contextlib.contextmanager
-def capture(model: nn.Module, names: list[str], inputs: bool = False, detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+def capture(model: nn.Module, names: list[str], inputs: bool = False, detach: bool = True,
+            stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Record the output (or, with ``inputs=True``, the first positional input) of each named module.
 
-    The dict is filled during the forward passes run inside the block; a second pass overwrites it.
+    The dict is filled during the forward passes run inside the block; a second pass overwrites it. With
+    ``stop=True`` the forward is cut short as soon as every named module has run (the layers above are never
+    computed) and the rest of the block is skipped: put only the forward pass inside it.
     """
     store: dict[str, torch.Tensor] = {}
 
@@ -53,11 +60,16 @@ def capture(model: nn.Module, names: list[str], inputs: bool = False, detach: bo
         def fn(module, args, output):
             t = args[0] if inputs else output_tensor(output)
             store[name] = t.detach() if detach else t
+            if stop and len(store) == len(names):
+                raise StopForward
 
         return fn
 
-    with hooks(model, forward={n: make(n) for n in names}):
-        yield store
+    try:
+        with hooks(model, forward={n: make(n) for n in names}):
+            yield store
+    except StopForward:
+        pass
 
 
 @contextlib.contextmanager

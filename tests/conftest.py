@@ -10,6 +10,16 @@ from memoe.pipeline import CONFIG_DIR
 from memoe.testbed import TestbedConfig, build_testbed
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_for_the_run(tmp_path_factory):
+    """Everything memoe caches during the tests (statistics, converted models, corpora) goes to a temporary folder,
+    never into the checkout's .cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEMOE_CACHE", str(tmp_path_factory.mktemp("memoe-run-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> TestbedConfig:
     return load_config(TestbedConfig, CONFIG_DIR / "testbed" / "tiny.yaml")

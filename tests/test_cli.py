@@ -68,9 +68,42 @@ def test_trace_tool(cache, tmp_path, capsys):
     assert evaluate.main(["--trace", "--trace-facts", "3", "--testbed-config", TINY, "--num-edits", "3",
                           "--output", str(out), "--no-progress"]) == 0
     res = json.loads((tmp_path / "t-trace.json").read_text())
-    assert res["n_facts"] == 3 and "peak_mlp" in res
+    assert res["n_facts"] == 3 and "peak_mlp" in res and "peak_attn" in res
+    assert res["selection"]["rule"] == "greedy" and res["selection"]["kept"] == 3
+    assert len(res["facts"]) == 3 and res["settings"]["samples"] == 2 and res["settings"]["window"] == 10
     assert (tmp_path / "t-trace.png").exists()
-    assert "MLP peak" in capsys.readouterr().out
+    assert "peak mlp" in capsys.readouterr().out
+
+
+def test_known_only_is_recorded(cache, tmp_path):
+    out = tmp_path / "k.json"
+    assert evaluate.main(["--editor", "ft", "--testbed-config", TINY, "--num-edits", "3", "--mode", "batch",
+                          "--batch-size", "3", "--known-only", "--output", str(out), "--no-progress"]) == 0
+    sel = json.loads(out.read_text())["dataset"]["selection"]
+    assert sel["rule"] == "prefers_true" and sel["kept"] == 3 and sel["tried"] >= 3
+
+
+def test_real_model_without_its_own_config_is_told_where_to_add_one(tmp_path, capsys):
+    from memoe.config import ConfigError
+    from memoe.pipeline import editor_config_path
+
+    assert editor_config_path("rome", {}, "smollm2-135m").endswith("configs/editors/smollm2-135m/rome.yaml")
+    with pytest.raises(ConfigError, match="configs/editors/mystery-7b/rome.yaml.*--editor-config rome=PATH.*smollm2-135m"):
+        editor_config_path("rome", {}, str(tmp_path / "mystery-7b"))
+    assert editor_config_path("rome", {"rome": "x.yaml"}, "smollm2-135m") == "x.yaml"
+
+
+@pytest.mark.slow
+def test_trace_on_the_real_model(tmp_path, capsys):
+    """ROME's protocol on SmolLM2: two facts it knows by greedy decoding, from the shared CounterFact file."""
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--trace", "--model", "smollm2-135m", "--dataset", "counterfact", "--trace-facts", "2",
+                          "--trace-samples", "1", "--output", str(out), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "r-trace.json").read_text())
+    assert res["n_facts"] == 2 and res["selection"]["kept"] == 2 and res["selection"]["tried"] >= 2
+    assert res["num_layers"] == 30 and res["p_clean"] > res["p_corrupt"]
+    for f in res["facts"]:  # the clean last-layer state at the last token gives the clean probability back
+        assert f["restored"]["hidden"][-1][-1] == pytest.approx(f["p_clean"], abs=1e-4)
 
 
 def train_args(tmp_path, *extra):
@@ -93,6 +126,15 @@ def test_train_main_job_saves_and_scores_an_adapter(cache, tmp_path, capsys, mem
     assert list((tmp_path / "logs").rglob("metrics.csv"))  # the CSV logger is on by default
 
 
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_train_max_steps_below_one_is_an_error(cache, tmp_path, capsys, memoe_yaml, steps):
+    """``--max-steps 0`` used to be ignored (the config's steps ran) and ``-5`` crashed inside Lightning."""
+    assert train.main(train_args(tmp_path, "--max-steps", steps)) == 2
+    assert f"'max_steps': {steps} is below the minimum 1" in capsys.readouterr().err
+    assert not (tmp_path / "ad").exists()
+
+
+@pytest.mark.slow
 def test_train_with_ddp_on_two_cpu_processes(cache, tmp_path, memoe_yaml):
     """The distributed path for real: Lightning launches a second process running train.py."""
     import os
@@ -146,3 +188,86 @@ def test_model_option_names_a_corrupt_testbed_description(tiny_testbed, tmp_path
     (copy / "testbed.json").write_text('{"format": 1, "key": "x"')  # truncated
     with pytest.raises(ValueError, match=r"testbed.json: not a memoe testbed description"):
         load_subject(EvalConfig(dataset="synthetic", num_edits=3, model=str(copy), device="cpu"))
+
+
+def test_unknown_editor_fails_before_any_work(cache, tmp_path, capsys, monkeypatch):
+    """``--editor ft --editor nosuch`` used to run ft to the end, then fail and write nothing."""
+    import memoe.pipeline
+
+    monkeypatch.setattr(memoe.pipeline, "load_subject", lambda cfg: pytest.fail("loaded the model before checking editors"))
+    out = tmp_path / "x.json"
+    assert evaluate.main(["--editor", "ft", "--editor", "nosuch", "--testbed-config", TINY, "--output", str(out)]) == 2
+    assert "nosuch" in capsys.readouterr().err and not out.exists()
+
+
+def test_finished_runs_are_written_before_a_later_one_fails(cache, tmp_path, monkeypatch):
+    import memoe.pipeline
+
+    real, calls = memoe.pipeline.run_mode, []
+
+    def second_fails(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the machine went away")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(memoe.pipeline, "run_mode", second_fails)
+    out = tmp_path / "x.json"
+    with pytest.raises(RuntimeError):
+        evaluate.main(["--editor", "ft", "--testbed-config", TINY, "--num-edits", "3", "--mode", "batch",
+                       "--batch-size", "3", "--batch-size", "1", "--output", str(out), "--no-progress"])
+    res = json.loads(out.read_text())
+    assert res["complete"] is False and [(r["mode"], r["batch_size"]) for r in res["runs"]] == [("batch", 3)]
+
+
+def test_batch_size_above_the_edits_is_labelled_by_the_batch_it_is(cache, tmp_path):
+    out = tmp_path / "x.json"
+    assert evaluate.main(["--editor", "ft", "--testbed-config", TINY, "--num-edits", "3", "--mode", "batch",
+                          "--batch-size", "10", "--output", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert res["complete"] is True and [r["batch_size"] for r in res["runs"]] == [3]
+    assert "ft batch b=3" in out.with_suffix(".md").read_text()
+
+
+def test_bad_records_error_is_honoured_when_a_testbed_is_built(tmp_path, capsys, monkeypatch):
+    """``--bad-records error`` used to be ignored on the testbed path (the record was skipped, rc 0)."""
+    from memoe.data.loaders import default_data_dir
+
+    records = json.loads((default_data_dir() / "counterfact.json").read_text())[:3]
+    records[1]["requested_rewrite"]["target_new"] = dict(records[1]["requested_rewrite"]["target_true"])  # a no-op edit
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    tb_yaml = tmp_path / "tb.yaml"
+    tb_yaml.write_text((ROOT / "configs" / "testbed" / "tiny.yaml").read_text().replace("dataset: synthetic", "dataset: counterfact")
+                       .replace("num_edits: 60", "num_edits: 3"))
+    monkeypatch.setenv("MEMOE_CACHE", str(tmp_path / "cache"))
+    args = ["--editor", "ft", "--dataset", "counterfact", "--data-path", str(data), "--testbed-config", str(tb_yaml),
+            "--num-edits", "2", "--output", str(tmp_path / "o.json"), "--no-progress"]
+    assert evaluate.main([*args, "--bad-records", "error"]) == 2
+    err = capsys.readouterr().err
+    assert f"case_id={records[1]['case_id']!r}" in err and "error:" in err
+    assert not (tmp_path / "cache" / "testbeds").exists()  # nothing was built
+
+
+def test_missing_resume_checkpoint_is_a_one_line_error(cache, tmp_path, capsys, memoe_yaml):
+    assert train.main(train_args(tmp_path, "--resume", str(tmp_path / "nope.json"))) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_num_edits_beyond_a_real_dataset_is_an_error(tmp_path):
+    from memoe.data.loaders import default_data_dir
+    from memoe.pipeline import EvalConfig, load_subject
+
+    rows = json.loads((default_data_dir() / "counterfact.json").read_text())[:3]
+    (tmp_path / "cf.json").write_text(json.dumps(rows))
+    tiny = tmp_path / "tiny-hf"
+    from transformers import LlamaForCausalLM
+
+    from memoe.models import llama3_mini_config
+    from tests.evaluation.fakes import word_tokenizer
+
+    tok = word_tokenizer(["a"])
+    LlamaForCausalLM(llama3_mini_config(vocab_size=len(tok))).save_pretrained(tiny)
+    tok.save_pretrained(tiny)
+    with pytest.raises(ValueError, match="--num-edits 5 exceeds the 3 usable records"):
+        load_subject(EvalConfig(dataset="counterfact", data_path=str(tmp_path / "cf.json"), num_edits=5, model=str(tiny), device="cpu"))

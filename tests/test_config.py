@@ -77,3 +77,28 @@ def test_overrides_merge_nested_sections_key_by_key():
         {"adapter": {"layers": [3], "rank": 32}, "replay": 100, "lr": 0.2}
     assert base["adapter"] == {"layers": [0], "rank": 32}  # the input is not changed
     assert merge({"a": 1}, {"a": {"b": 2}}) == {"a": {"b": 2}}  # a mapping replaces a scalar
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("steps: 3\nlr: [0.1\n")
+    with pytest.raises(ConfigError, match=f"{p}: not valid YAML at line"):
+        load_config(Demo, p)
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 reads ``1e-3`` as the string "1e-3"; it was rejected as "not a number"."""
+    p = tmp_path / "x.yaml"
+    p.write_text("lr: 1e-3\n")
+    assert load_config(Demo, p).lr == 0.001
+    p.write_text("lr: fast\n")
+    with pytest.raises(ConfigError, match="'lr': expected a number, got 'fast'"):
+        load_config(Demo, p)
+
+
+@pytest.mark.parametrize("name, over", [("memoe", {"adapter": {"layers": []}}), ("ft", {"layers": []}),
+                                        ("memit", {"layers": []}), ("coachhook", {"layers": []})])
+def test_empty_layer_list_is_a_config_error(name, over):
+    """``layers: []`` used to reach the optimiser ("got an empty parameter list")."""
+    with pytest.raises(ConfigError, match="'layers': needs at least one value"):
+        load_config(REGISTRY[name].Config, None, over)

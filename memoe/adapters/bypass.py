@@ -111,6 +111,8 @@ class BypassAdapter(nn.Module):
         self._given: list[list[tuple[int, int]]] | None = None
         #: Extra anchor detectors beside the trie (e.g. :class:`~memoe.adapters.anchors.EntityDetector`); not saved.
         self.detectors: list = []
+        #: The folder it was loaded from (None when made in this process): the same folder is attached once.
+        self.source: str | None = None
         self._handles: list = []
         self._model_ref: weakref.ref | None = None  # a weak reference: the base must not become a submodule
 
@@ -291,9 +293,15 @@ def load_adapter(path: str | Path) -> BypassAdapter:
             raise FileNotFoundError(f"adapter file missing: {f}")
     try:
         meta = json.loads(cfg_file.read_text())
-        method, version = meta["method"], meta["version"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except json.JSONDecodeError as e:
         raise AdapterError(f"{cfg_file}: not a memoe adapter config ({e})") from None
+    kinds = {"method": str, "version": int, "base_model": dict, "config": dict}
+    for key, kind in kinds.items():
+        if not isinstance(meta, dict) or key not in meta:
+            raise AdapterError(f"{cfg_file}: not a memoe adapter config (missing key {key!r})")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise AdapterError(f"{cfg_file}: key {key!r} must be of type {kind.__name__}, got {meta[key]!r}")
+    method, version = meta["method"], meta["version"]
     if method not in ADAPTERS:
         raise AdapterError(f"{cfg_file}: unknown adapter method {method!r}; known: {sorted(ADAPTERS)}")
     cls = ADAPTERS[method]
@@ -311,8 +319,15 @@ def load_adapter(path: str | Path) -> BypassAdapter:
     if cls.uses_anchors:
         if "anchors.joins" not in tensors or "anchors.special" not in tensors:
             raise AdapterError(f"{w_file}: missing key 'anchors.joins' or 'anchors.special'")
+        anchors = meta.get("anchors")
+        ok = (isinstance(anchors, dict) and isinstance(anchors.get("texts"), list)
+              and all(isinstance(t, str) for t in anchors["texts"]) and isinstance(anchors.get("sequences"), list)
+              and all(isinstance(q, list) and q and all(isinstance(i, int) for i in q) for q in anchors["sequences"]))
+        if not ok:  # without its anchors the adapter would route nothing: an attached no-op
+            raise AdapterError(f"{cfg_file}: key 'anchors' must be {{'texts': [str], 'sequences': [[int]]}} "
+                               f"(the subjects the adapter routes on), got {str(anchors)[:80]!r}")
         trie = AnchorTrie(tensors.pop("anchors.joins"), tensors.pop("anchors.special"))
-        trie.load_state(meta.get("anchors") or {})
+        trie.load_state(anchors)
     adapter = cls(config, meta["base_model"], trie)
     adapter.build()
     expected = adapter.layers.state_dict()
@@ -326,13 +341,22 @@ def load_adapter(path: str | Path) -> BypassAdapter:
             raise AdapterError(f"{w_file}: tensor 'layers.{k}' has shape {tuple(got[k].shape)}, expected {tuple(expected[k].shape)}")
     adapter.layers.load_state_dict(got)
     adapter.load_method_state(meta.get("state") or {})
-    return adapter.eval()
+    adapter.eval().source = str(path.resolve())
+    return adapter
 
 
-def attach(model: nn.Module, adapter: BypassAdapter | str | Path, strict: bool = False) -> BypassAdapter:
-    """Attach an adapter (object or saved folder) to a loaded base model; returns the attached adapter."""
+def attach(model: nn.Module, adapter: BypassAdapter | str | Path, strict: bool = False,
+           allow_duplicate: bool = False) -> BypassAdapter:
+    """Attach an adapter (object or saved folder) to a loaded base model; returns the attached adapter.
+
+    The same saved folder twice on one model would apply its edit twice, so it is refused unless
+    ``allow_duplicate=True`` says that is what is wanted."""
     if not isinstance(adapter, BypassAdapter):
         adapter = load_adapter(adapter)
+    source = getattr(adapter, "source", None)
+    if source and not allow_duplicate and any(getattr(a, "source", None) == source for a in attached(model)):
+        raise AdapterError(f"adapter {source} is already attached to this model (attaching it again would apply its edit "
+                           "twice); detach it first, or pass allow_duplicate=True to stack it deliberately")
     return adapter.attach(model, strict=strict)
 
 

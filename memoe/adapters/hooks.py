@@ -28,7 +28,7 @@ from memoe.config import bounds
 class HookConfig:
     """The hook memory's shape (saved in ``adapter_config.json``)."""
 
-    layers: list[int] = field(default_factory=lambda: [0, 1])
+    layers: list[int] = field(default_factory=lambda: [0, 1], metadata=bounds(nonempty=True))
     """Layers whose down-projection gets a hook."""
     alpha_init: float = field(default=2.2, metadata=bounds(0.0))
     """Initial z-score threshold of the editing scope (per layer; lowered after each batch)."""

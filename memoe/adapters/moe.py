@@ -31,7 +31,7 @@ from memoe.config import bounds
 class MEMoEConfig:
     """The adapter's shape (saved in ``adapter_config.json``)."""
 
-    layers: list[int] = field(default_factory=lambda: [1])
+    layers: list[int] = field(default_factory=lambda: [1], metadata=bounds(nonempty=True))
     """Layers whose MLP gets a MoE beside it (the paper uses one)."""
     num_experts: int = field(default=4, metadata=bounds(1, 1024))
     """Experts per layer."""

@@ -7,6 +7,7 @@ as a local path. The schema is detected from the first record's keys unless give
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable, Literal
@@ -54,6 +55,14 @@ def template_from_text(text: str, subject: str, case_id: object, index: int | No
     return text[:pos] + "{}" + text[pos + len(subject):]
 
 
+def record_case_id(raw: dict, i: int) -> object:
+    """A record's ``case_id`` (its index in the file when the key is absent); null is refused, not kept."""
+    cid = raw.get("case_id", i)
+    if cid is None or isinstance(cid, (bool, float, list, dict)):
+        raise RecordError(cid, i, "case_id", "must be an integer or a string (or left out: the record's index is used)")
+    return cid
+
+
 def _strs(raw: dict, key: str, cid: object, i: int) -> tuple[str, ...]:
     items = require(raw, key, cid, i, list)
     for j, x in enumerate(items):
@@ -64,7 +73,7 @@ def _strs(raw: dict, key: str, cid: object, i: int) -> tuple[str, ...]:
 
 def parse_counterfact(raw: dict, i: int) -> EditRecord:
     """CounterFact, ROME schema (``requested_rewrite`` plus four prompt lists)."""
-    cid = raw.get("case_id", i)
+    cid = record_case_id(raw, i)
     rw = "requested_rewrite"
     subject = require(raw, f"{rw}.subject", cid, i)
     prompt = template_from_text(require(raw, f"{rw}.prompt", cid, i), subject, cid, i, f"{rw}.prompt")
@@ -84,7 +93,7 @@ def parse_counterfact(raw: dict, i: int) -> EditRecord:
 
 def parse_counterfact_easyedit(raw: dict, i: int) -> EditRecord:
     """CounterFact, EasyEdit's flat schema (one rephrase and one locality prompt per edit)."""
-    cid = raw.get("case_id", i)
+    cid = record_case_id(raw, i)
     subject = require(raw, "subject", cid, i)
     truth = require(raw, "ground_truth", cid, i)
     loc = LabeledPrompt(require(raw, "locality_prompt", cid, i), require(raw, "locality_ground_truth", cid, i))
@@ -102,7 +111,7 @@ def parse_counterfact_easyedit(raw: dict, i: int) -> EditRecord:
 
 def parse_zsre(raw: dict, i: int) -> EditRecord:
     """zsRE, MEND schema: question ``src``, new answer ``alt``, true ``answers``, NQ locality pair."""
-    cid = raw.get("case_id", i)
+    cid = record_case_id(raw, i)
     subject = require(raw, "subject", cid, i)
     answers = require(raw, "answers", cid, i, list)
     if not answers or not isinstance(answers[0], str):
@@ -149,22 +158,43 @@ def detect_schema(raw: dict) -> str:
     raise ValueError(f"cannot tell the schema of a record with keys {sorted(keys)}; pass schema= one of {sorted(PARSERS)}")
 
 
-def _read_rows(source: str, split: str) -> list[dict]:
-    """Rows of a local JSON/JSONL file or folder, or of a hub dataset, via :mod:`datasets`."""
-    import datasets
+def _read_json_rows(path: Path) -> list:
+    """A local file's rows: a JSON list of objects, or JSON Lines (one object a line); a one-line error naming the
+    file (and line) otherwise."""
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"edit dataset {path} is empty")
+    try:
+        rows = json.loads(text)
+        rows = rows if isinstance(rows, list) else [rows]
+    except json.JSONDecodeError as whole:
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    first = whole if n == 1 else e
+                    raise ValueError(f"edit dataset {path}: not JSON or JSON Lines (line {n}: {first.msg})") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"edit dataset {path}: record {i} is a {type(row).__name__}, not an object")
+    return rows
 
-    datasets.disable_progress_bars()
+
+def _read_rows(source: str, split: str) -> list[dict]:
+    """Rows of a local JSON/JSONL file or folder, or of a hub dataset (via :mod:`datasets`)."""
     path = Path(source)
     if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
-        ds = datasets.load_dataset("json", data_files=files, split="train")
-    elif path.exists():
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    elif source.endswith((".json", ".jsonl")) or source.startswith((".", "/", "~")):
+        return [row for p in sorted(path.iterdir()) if p.suffix in (".json", ".jsonl") for row in _read_json_rows(p)]
+    if path.exists():
+        return _read_json_rows(path)
+    if source.endswith((".json", ".jsonl")) or source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"edit dataset file not found: {source}")
-    else:  # a hub id such as "azhx/counterfact"; only works where the hub is reachable
-        ds = datasets.load_dataset(source, split=split)
-    return ds.to_list()
+    import datasets  # a hub id such as "azhx/counterfact"; only works where the hub is reachable
+
+    datasets.disable_progress_bars()
+    return datasets.load_dataset(source, split=split).to_list()
 
 
 def load_records(
@@ -199,6 +229,9 @@ def load_records(
             return err
 
     records, skipped = check_records([parsed(i, row) for i, row in enumerate(rows)], bad_records=bad_records)
+    if not records:
+        raise ValueError(f"edit dataset {source}: none of its {len(rows)} records is a usable {schema} record "
+                         f"(first problem: {skipped[0]}); is it the right file for this dataset?")
     if limit is not None:
         records = records[:limit]
     return EditDataset(name=schema, records=records, source=str(source), skipped=skipped)

@@ -52,7 +52,7 @@ class EditResult:
 
         if not self.deltas or self._model is None:
             raise ValueError(f"{self.editor} edit has no weight deltas to export")
-        return save_lora(self._model, self.deltas, path, rank=rank, num_edits=len(self.requests))
+        return save_lora(self._model, self.deltas, path, rank=rank)
 
     def restore(self) -> None:
         """Give back the model exactly as it was before this edit (bit for bit). Idempotent."""

@@ -19,7 +19,7 @@ from memoe.models.arch import model_parts
 
 @dataclass
 class FTConfig(EditorConfig):
-    layers: list[int] = field(default_factory=lambda: [1])
+    layers: list[int] = field(default_factory=lambda: [1], metadata=bounds(nonempty=True))
     """Layers whose MLP down-projection is fine-tuned."""
     lr: float = field(default=5e-3, metadata=bounds(0.0))
     """Adam learning rate."""

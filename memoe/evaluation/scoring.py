@@ -6,6 +6,7 @@ tokens are sent through the LM head, so scoring stays cheap with a 128k vocabula
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,17 @@ def pad_batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
+def warn_if_too_long(model: nn.Module, seqs: list[list[int]], what: str) -> None:
+    """Warn when sequences exceed the model's positions: what a model computes past them is not meaningful."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    long = [len(s) for s in seqs if len(s) > limit]
+    if long:
+        warnings.warn(f"{len(long)} of {len(seqs)} {what} are longer than the model's {limit} positions (longest "
+                      f"{max(long)} tokens): their scores and edits are not meaningful; shorten or filter them", stacklevel=3)
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -79,6 +91,7 @@ def score_pairs(model: nn.Module, tok, prompts: list[str], targets: list[str], b
     if not prompts:
         return out
     p_ids, t_ids = encode_pairs(tok, prompts, targets)
+    warn_if_too_long(model, [p + t for p, t in zip(p_ids, t_ids)], "scored prompts (with their targets)")
     device, head = model_device(model), model.get_output_embeddings()
     # Longest first: batches of similar length waste less padding.
     order = sorted(range(len(prompts)), key=lambda i: -(len(p_ids[i]) + len(t_ids[i])))
@@ -120,6 +133,7 @@ def target_nll(model: nn.Module, tok, prompts: list[str], targets: list[str]) ->
     The training-side twin of :func:`score_pairs`: editors optimise it (FT, target values, adapters).
     """
     p_ids, t_ids = encode_pairs(tok, prompts, targets)
+    warn_if_too_long(model, [p + t for p, t in zip(p_ids, t_ids)], "edit prompts (with their targets)")
     device, head = model_device(model), model.get_output_embeddings()
     ids, mask = pad_batch([p + t for p, t in zip(p_ids, t_ids)], tok.pad_token_id, device)
     hidden = final_hidden(model, ids, mask)

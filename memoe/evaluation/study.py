@@ -23,18 +23,18 @@ from pathlib import Path
 
 import torch
 
-from memoe.config import ConfigError, bounds, load_config, merge
+from memoe.config import ConfigError, bounds, load_config, merge, read_yaml
 from memoe.editors import editor_class, make_editor
 from memoe.evaluation.harness import MODES, RESTORING, ScoreOptions, machine_info, pre_scores, run_mode
 from memoe.evaluation.metrics import compute_metrics
 from memoe.io import write_json, write_text
-from memoe.pipeline import CONFIG_DIR, DATASETS, EvalConfig, editor_config_path, load_subject
+from memoe.pipeline import CONFIG_DIR, DATASETS, EvalConfig, editor_config_path, load_subject, testbed_config_path
 
 STUDY_DIR = CONFIG_DIR / "studies"
 #: Columns of the study table and the metrics the plots show.
 TABLE_METRICS = ("cf_efficacy", "cf_paraphrase", "cf_neighbourhood", "cf_score", "reliability", "generality", "locality")
 #: Fields of the definition that decide what the runs are; a result file is resumed only when they match.
-_DEFINING = ("dataset", "data_path", "testbed_config", "model", "num_edits", "editors", "modes", "batch_sizes",
+_DEFINING = ("dataset", "data_path", "testbed_config", "model", "known_only", "num_edits", "editors", "modes", "batch_sizes",
              "editor_batch_sizes", "skip", "layers", "checkpoint_every", "editor_configs", "editor_overrides", "seed", "fluency_prompts")
 
 
@@ -53,7 +53,9 @@ class StudyConfig:
     testbed_config: str | None = None
     """Testbed YAML (default: ``configs/testbed/<dataset>.yaml``)."""
     model: str | None = None
-    """A local Hugging Face checkpoint (e.g. Llama-3-8B) to edit instead of the testbed."""
+    """A real model to edit instead of the testbed: a preset (``smollm2-135m``), a GGUF file or a Hugging Face folder."""
+    known_only: bool = False
+    """Keep only records the unedited model knows (prefers the true target over the new one), the first ``num_edits``."""
     dtype: str = field(default="float32", metadata=bounds(choices=("float32", "bfloat16", "float16")))
     """dtype of ``model``."""
     device: str | None = None
@@ -150,8 +152,18 @@ def plan(cfg: StudyConfig) -> tuple[list[RunSpec], dict[str, str]]:
     return runs, skipped
 
 
+def config_contents(cfg: StudyConfig) -> dict:
+    """What the YAML files a study reads say now (editor configs, the testbed config): a result file stores it, so
+    a study whose files changed since is never resumed with runs made under the old settings."""
+    contents = {f"editor {e}": read_yaml(p) if (p := editor_config_path(e, cfg.editor_configs, cfg.model)) else {}
+                for e in cfg.editors}
+    if cfg.model is None:
+        contents["testbed"] = read_yaml(cfg.testbed_config or testbed_config_path(cfg.dataset))
+    return contents
+
+
 def definition(cfg: StudyConfig) -> dict:
-    return {k: getattr(cfg, k) for k in _DEFINING}
+    return {**{k: getattr(cfg, k) for k in _DEFINING}, "config_contents": config_contents(cfg)}
 
 
 def _resume(out: Path, cfg: StudyConfig, restart: bool) -> dict:
@@ -164,7 +176,7 @@ def _resume(out: Path, cfg: StudyConfig, restart: bool) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ConfigError(f"{out} is not a study result file ({e}); move it away or pass --restart") from None
     new_def = json.loads(json.dumps(definition(cfg)))  # tuples -> lists, as stored
-    for k in _DEFINING:
+    for k in new_def:
         if old_def.get(k) != new_def[k]:
             raise ConfigError(f"{out} holds a different study ({k!r}: {old_def.get(k)!r} there, {new_def[k]!r} now); "
                               "pass --restart to start over or choose another output")
@@ -179,7 +191,8 @@ def run_study(cfg: StudyConfig, restart: bool = False, subject: tuple | None = N
     if done:
         log(f"resuming {out}: {sum(s.key in done for s in specs)} of {len(specs)} runs already done")
     eval_cfg = EvalConfig(dataset=cfg.dataset, data_path=cfg.data_path, testbed_config=cfg.testbed_config, model=cfg.model,
-                          dtype=cfg.dtype, device=cfg.device, num_edits=cfg.num_edits, seed=cfg.seed, progress=cfg.progress)
+                          dtype=cfg.dtype, device=cfg.device, num_edits=cfg.num_edits, seed=cfg.seed, progress=cfg.progress,
+                          known_only=cfg.known_only, score_batch_size=cfg.score_batch_size)
     model, tok, ds, tb = subject or load_subject(eval_cfg)
     records = ds.records
     score = ScoreOptions(cfg.score_batch_size, cfg.fluency_prompts)
@@ -189,7 +202,8 @@ def run_study(cfg: StudyConfig, restart: bool = False, subject: tuple | None = N
         "machine": machine_info(next(model.parameters()).device),
         "model": cfg.model or (str(tb.path) if tb else None),
         "testbed": {k: tb.report.get(k) for k in ("name", "parameters", "storage_site")} if tb else None,
-        "dataset": {"name": ds.name, "source": ds.source, "num_edits": len(records)},
+        "dataset": {"name": ds.name, "source": ds.source, "num_edits": len(records),
+                    "selection": ds.meta.get("selection", {"rule": "none (first records)"})},
         "pre": compute_metrics(pre, pre), "runs": dict(done), "skipped": skipped,
         "order": [s.key for s in specs], "complete": False,
     }
@@ -201,7 +215,7 @@ def run_study(cfg: StudyConfig, restart: bool = False, subject: tuple | None = N
         over = dict(cfg.editor_overrides.get(spec.editor) or {})
         if spec.layer is not None:
             over = merge(over, editor_class(spec.editor).layer_override([spec.layer]))
-        editor = make_editor(spec.editor, editor_config_path(spec.editor, cfg.editor_configs), over)
+        editor = make_editor(spec.editor, editor_config_path(spec.editor, cfg.editor_configs, cfg.model), over)
         torch.manual_seed(cfg.seed)  # the same seed per run: a resumed study equals an uninterrupted one
         log(f"[{i + 1}/{len(specs)}] {spec.key}")
         t0 = time.perf_counter()

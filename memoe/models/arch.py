@@ -7,9 +7,7 @@ and get it, whatever the architecture. Adding an architecture is one :class:`Arc
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,6 +45,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
     "gpt2": ArchSpec(
         layers="transformer.h", mlp="transformer.h.{}.mlp", down_proj="transformer.h.{}.mlp.c_proj",
         attn="transformer.h.{}.attn", embed="transformer.wte", final_norm="transformer.ln_f", lm_head="lm_head",
@@ -135,31 +134,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str | None = None):
-    """Load a Hugging Face causal LM and its tokenizer from a local directory (or a hub id where reachable).
-
-    Returns ``(model, tokenizer)`` with the model in eval mode, its parameters frozen, on ``device``
-    (default: CUDA if available, else CPU). The architecture must be in :data:`ARCHITECTURES`.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if str(path).startswith((".", "/", "~")) and not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"model directory not found: {path}")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
-    arch_spec(model)  # fail early, before any editing, on an unknown architecture
-    model.to(device or default_device()).eval().requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(str(path))
-    prepare_tokenizer(tok)
-    return model, tok
-
-
-def prepare_tokenizer(tok) -> None:
-    """Padding on the right with a real pad id: memoe's scoring relies on both."""
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from memoe.config import ConfigError, bounds, check_bounds
 from memoe.data import EditDataset, World, WorldConfig, build_world, load_edit_dataset
 from memoe.evaluation.scoring import score_pairs
-from memoe.io import stable_hash, write_json
+from memoe.io import default_cache_dir, file_sha256, stable_hash, write_json
 from memoe.testbed.corpus import FactCorpus, RecordCorpus, WorldCorpus
 
 TESTBED_FORMAT = 1
@@ -44,42 +45,53 @@ class TestbedConfig:
     """Edit dataset whose true facts are learned: synthetic, counterfact, counterfact-easyedit, zsre, or a path."""
     data_path: str | None = None
     """File of a real dataset; default: the shared data directory (``$MEMOE_DATA_DIR`` or ``../shared/data``)."""
-    num_edits: int | None = 1000
+    num_edits: int | None = field(default=1000, metadata=bounds(1))
     """Records to learn (synthetic: size of the world; real data: the first N; None: all)."""
     seed: int = 0
     """Seed of the world, the initial weights, batch order and augmentation."""
-    hidden_size: int = 128
+    hidden_size: int = field(default=128, metadata=bounds(1))
     """Model width."""
-    num_layers: int = 6
+    num_layers: int = field(default=6, metadata=bounds(1))
     """Decoder layers; 6 rather than 4 lets knowledge route through the subject position (design notes)."""
-    intermediate_size: int = 512
+    intermediate_size: int = field(default=512, metadata=bounds(1))
     """MLP width: the key dimension of closed-form edits."""
-    num_heads: int = 4
+    num_heads: int = field(default=4, metadata=bounds(1))
     """Attention heads."""
-    num_kv_heads: int = 2
+    num_kv_heads: int = field(default=2, metadata=bounds(1))
     """Key/value heads (grouped-query attention, as Llama-3)."""
-    vocab_size: int = 2048
+    vocab_size: int = field(default=2048, metadata=bounds(260))
     """BPE vocabulary size (a ceiling: small corpora learn fewer merges)."""
-    steps: int = 1500
+    steps: int = field(default=1500, metadata=bounds(1))
     """Optimiser steps."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=bounds(1))
     """Rows per step."""
-    seq_len: int = 64
+    seq_len: int = field(default=64, metadata=bounds(8))
     """Tokens per packed row: whole sentences are packed end to end, not padded."""
-    lr: float = 5e-3
+    lr: float = field(default=5e-3, metadata=bounds(0.0))
     """Peak AdamW learning rate, reached after ``warmup`` steps, then cosine decay to 1/20 of it."""
-    warmup: int = 100
+    warmup: int = field(default=100, metadata=bounds(0))
     """Linear warm-up steps."""
-    weight_decay: float = 0.01
+    weight_decay: float = field(default=0.01, metadata=bounds(0.0))
     """AdamW weight decay."""
-    prefix_prob: float = 0.2
+    prefix_prob: float = field(default=0.2, metadata=bounds(0.0, 1.0))
     """Chance that a pretraining sentence gets a distracting prefix sentence."""
-    trace_facts: int = 40
+    trace_facts: int = field(default=40, metadata=bounds(1))
     """Facts averaged in the report card's causal trace."""
     bf16: bool = True
     """Train under bfloat16 autocast (weights stay float32): about 1.5x faster on CPUs with AVX512-BF16."""
-    threads: int = 0
+    threads: int = field(default=0, metadata=bounds(0))
     """torch threads while building (0: all cores). One process per core is fastest here."""
+
+    def __post_init__(self):
+        check_bounds(self)  # also when built in Python, not only from YAML
+        if self.lr <= 0:
+            raise ConfigError(f"config key 'lr': {self.lr!r} must be above 0")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"config key 'num_heads': {self.num_heads} does not divide hidden_size {self.hidden_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"config key 'num_kv_heads': {self.num_kv_heads} does not divide num_heads {self.num_heads}")
+        if self.warmup >= self.steps:
+            raise ConfigError(f"config key 'warmup': {self.warmup} must be below steps ({self.steps})")
 
     def key(self, dataset_fingerprint: str) -> str:
         # Where the data was read from does not matter, only what it holds (the fingerprint).
@@ -107,15 +119,14 @@ class Testbed:
     world: World | None = None
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MEMOE_CACHE", Path.cwd() / ".cache" / "memoe"))
-
-
-def make_corpus(config: TestbedConfig) -> tuple[EditDataset, FactCorpus, World | None]:
+def make_corpus(config: TestbedConfig, bad_records: str = "skip") -> tuple[EditDataset, FactCorpus, World | None]:
+    """The testbed's dataset and pretraining text. ``bad_records`` as for :func:`memoe.data.load_edit_dataset`
+    (``skip``, with a warning naming each, or ``error``); it is not part of the cache key: a dataset with bad records
+    either builds the same testbed (skip) or none (error)."""
     if config.dataset == "synthetic":
         world = build_world(WorldConfig(num_edits=config.num_edits or 1000, seed=config.seed))
         return world.dataset, WorldCorpus(world, config.prefix_prob), world
-    ds = load_edit_dataset(config.dataset, data_path=config.data_path, limit=config.num_edits, bad_records="skip")
+    ds = load_edit_dataset(config.dataset, data_path=config.data_path, limit=config.num_edits, bad_records=bad_records)
     return ds, RecordCorpus(ds, config.prefix_prob), None
 
 
@@ -207,7 +218,9 @@ def report_card(model, tok, corpus: FactCorpus, config: TestbedConfig, progress:
     for name, probes in corpus.probes().items():
         s = score_pairs(model, tok, [p.prompt for p in probes], [p.target for p in probes])
         recall[name] = {"recall": sum(s.exact) / len(probes), "n": len(probes)}
-    trace = causal_trace(model, tok, corpus.trace_facts(config.trace_facts), seed=config.seed, progress=progress)
+    # Single-layer restores of hidden states and MLP outputs: a 6-layer testbed needs no window.
+    trace = causal_trace(model, tok, corpus.trace_facts(config.trace_facts), samples=5, seed=config.seed,
+                         progress=progress, kinds=("hidden", "mlp"), window=1)
     return {"recall": recall, "trace": trace.to_dict()}
 
 
@@ -219,7 +232,8 @@ def format_report(report: dict) -> str:
     t = report["trace"]
     lines.append(f"  causal trace over {t['n_facts']} facts: p clean {t['p_clean']:.3f}, corrupted {t['p_corrupt']:.3f}")
     for kind in ("mlp", "hidden"):
-        row = "  ".join(f"{p}: " + " ".join(f"{v:+.2f}" for v in vals) for p, vals in t["effects"][kind].items())
+        row = "  ".join(f"{p}: " + " ".join(f"{v:+.2f}" for v in t["effects"][kind][p])
+                        for p in ("subject_first", "subject_last", "prompt_last"))
         lines.append(f"  {kind:<6} effect per layer  {row}")
     pk = t["peak_mlp"]
     lines.append(f"  MLP peak: layer {pk['layer']} at {pk['position']} (indirect effect {pk['effect']:+.3f})")
@@ -245,6 +259,12 @@ def _load_cached(path: Path, key: str):
     meta = json.loads((path / "testbed.json").read_text())
     if meta.get("key") != key or meta.get("format") != TESTBED_FORMAT:
         raise ValueError(f"cache key mismatch ({meta.get('key')} != {key})")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ValueError("written without content hashes (an older memoe)")
+    for name, digest in files.items():  # a file that still parses but was changed (fewer layers, flipped bytes, a cut corpus)
+        if not (path / name).is_file() or file_sha256(path / name) != digest:
+            raise ValueError(f"{name} does not match the content hash stored in testbed.json")
     model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     report = json.loads((path / "report.json").read_text())
@@ -252,20 +272,20 @@ def _load_cached(path: Path, key: str):
 
 
 def build_testbed(config: TestbedConfig | None = None, cache_dir: str | os.PathLike | None = None,
-                  rebuild: bool = False, progress: bool = True, verbose: bool = True) -> Testbed:
+                  rebuild: bool = False, progress: bool = True, verbose: bool = True, bad_records: str = "skip") -> Testbed:
     """Load the testbed for ``config`` from the cache, or build, evaluate and cache it.
 
     A cache entry that fails to load or whose key does not match is rebuilt (with a warning), never used.
+    ``bad_records``: ``skip`` (with a warning naming each) or ``error`` for bad records in a real dataset.
     """
     config = config or TestbedConfig()
-    dataset, corpus, world = make_corpus(config)
+    dataset, corpus, world = make_corpus(config, bad_records)
     key = config.key(dataset_fingerprint(dataset))
     path = Path(cache_dir or default_cache_dir()) / "testbeds" / f"{config.short_name}-{key}"
     if path.exists() and not rebuild:
         try:
             model, tok, report = _load_cached(path, key)
             model.requires_grad_(False)
-            _write_corpus(path, corpus, config)
             return Testbed(model, tok, dataset, config, path, report, world)
         except Exception as e:  # corrupt or foreign cache: rebuild it
             warnings.warn(f"testbed cache {path} is unusable ({type(e).__name__}: {e}); rebuilding", stacklevel=2)
@@ -285,8 +305,7 @@ def build_testbed(config: TestbedConfig | None = None, cache_dir: str | os.PathL
     report.update(name=config.short_name, key=key, parameters=sum(p.numel() for p in model.parameters()),
                   build_seconds=round(build_seconds, 1), losses=losses, config=dataclasses.asdict(config))
     report["storage_site"] = storage_site(report)
-    _save(path, model, tok, report, key)
-    _write_corpus(path, corpus, config)
+    _save(path, model, tok, report, key, corpus, config)
     model.name_or_path = model.config.name_or_path = str(path)  # as if loaded from the cache: editors find corpus.txt there
     model.requires_grad_(False)
     if verbose:
@@ -294,17 +313,11 @@ def build_testbed(config: TestbedConfig | None = None, cache_dir: str | os.PathL
     return Testbed(model, tok, dataset, config, path, report, world)
 
 
-def _write_corpus(path: Path, corpus: FactCorpus, config: TestbedConfig) -> None:
-    """One epoch of the pretraining text as ``corpus.txt``: the closed-form editors' C0 statistics corpus."""
+def _save(path: Path, model, tok, report: dict, key: str, corpus: FactCorpus, config: TestbedConfig) -> None:
+    """Write the whole cache entry into a temporary folder, then rename it into place. ``testbed.json`` holds the
+    SHA-256 of every other file, checked on every load. ``corpus.txt`` is one epoch of the pretraining text: the
+    closed-form editors' C0 statistics corpus."""
     from memoe.io import write_text
-
-    target = path / "corpus.txt"
-    if not target.exists():
-        write_text(target, "\n".join(corpus.sentences(random.Random(config.seed))) + "\n")
-
-
-def _save(path: Path, model, tok, report: dict, key: str) -> None:
-    """Write the whole cache entry into a temporary folder, then rename it into place."""
     from memoe.trace import TraceResult, plot_trace
 
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -312,10 +325,12 @@ def _save(path: Path, model, tok, report: dict, key: str) -> None:
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
     write_json(tmp / "report.json", report)
+    write_text(tmp / "corpus.txt", "\n".join(corpus.sentences(random.Random(config.seed))) + "\n")
     t = report["trace"]
     plot_trace(TraceResult(t["num_layers"], t["n_facts"], t["p_clean"], t["p_corrupt"], t["effects"]),
                str(tmp / "trace.png"), title=f"testbed {report['name']}")
-    write_json(tmp / "testbed.json", {"format": TESTBED_FORMAT, "key": key, "config": report["config"]})
+    files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.suffix != ".png"}
+    write_json(tmp / "testbed.json", {"format": TESTBED_FORMAT, "key": key, "config": report["config"], "files": files})
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

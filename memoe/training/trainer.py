@@ -201,6 +201,9 @@ def fit_adapter(model, tok, adapter, requests, cfg: TrainConfig, opts: TrainerOp
     resume = opts.resume
     if resume == "last" and opts.checkpoint_dir:
         resume = str(Path(opts.checkpoint_dir) / "last.json")
+    if resume is not None and not Path(resume).is_file():
+        raise FileNotFoundError(f"--resume {opts.resume}: no checkpoint at {resume}"
+                                + ("" if opts.checkpoint_dir or opts.resume != "last" else " (give --checkpoint-dir)"))
     t0 = time.perf_counter()
     with _quiet(not opts.progress):
         trainer = make_trainer(opts, model, cfg.max_steps, callbacks)

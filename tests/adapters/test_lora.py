@@ -11,9 +11,32 @@ from memoe.editors import make_editor
 def test_factorize_is_exact_at_the_delta_rank():
     g = torch.Generator().manual_seed(0)
     d = torch.randn(16, 3, generator=g) @ torch.randn(3, 40, generator=g)
-    B, A = factorize(d, 3)
-    assert B.shape == (16, 3) and A.shape == (3, 40)
+    B, A, dropped = factorize(d)  # the numerical rank by default
+    assert B.shape == (16, 3) and A.shape == (3, 40) and dropped < 1e-6
     assert torch.allclose(B @ A, d, atol=1e-5)
+    B, A, dropped = factorize(d, 2)
+    assert A.shape == (2, 40) and 0.01 < dropped < 1
+
+
+def test_lora_export_keeps_a_full_rank_edit(tiny_testbed, tmp_path):
+    """FT changes the whole down-projection: the export must not cut it at rank = number of edits (it did, and the
+    new targets' probabilities fell from ~0.7 to ~0.004 after the round trip)."""
+    from memoe.pipeline import CONFIG_DIR
+
+    tb = tiny_testbed
+    reqs = [r.request for r in tb.dataset.records[:4]]
+    base = copy.deepcopy(tb.model)
+    ids = torch.tensor([tb.tokenizer(reqs[0].text)["input_ids"]])
+    result = make_editor("ft", str(CONFIG_DIR / "editors" / "ft.yaml")).apply(tb.model, tb.tokenizer, reqs)
+    try:
+        edited = tb.model(ids).logits
+        out = result.save_lora(tmp_path / "ft-adapter")
+        assert min(json.loads((out / "adapter_config.json").read_text())["rank_pattern"].values()) > len(reqs)
+        with pytest.warns(UserWarning, match="drops"):
+            result.save_lora(tmp_path / "ft-rank4", rank=4)
+    finally:
+        result.restore()
+    assert torch.allclose(load_lora(base, out)(input_ids=ids).logits, edited, atol=1e-4)
 
 
 @pytest.mark.parametrize("name, extra", [("memit", {"layers": [0, 1], "mom2_update_weight": 10.0}), ("rome", {"layers": [0]})])

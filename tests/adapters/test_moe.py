@@ -166,6 +166,48 @@ def test_corrupt_or_mismatched_files_are_named(base, tmp_path):
         load_adapter(tmp_path / "nothing")
 
 
+DELETE = object()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("anchors", DELETE, "key 'anchors' must be"),        # deleted: used to attach as a silent no-op
+    ("anchors", "garbage", "key 'anchors' must be"),     # used to raise AttributeError
+    ("version", "1", "key 'version' must be of type int"),     # used to raise TypeError
+    ("version", None, "key 'version' must be of type int"),
+    ("base_model", DELETE, "missing key 'base_model'"),  # used to raise KeyError
+    ("config", DELETE, "missing key 'config'"),
+])
+def test_damaged_adapter_config_is_refused_with_its_key(base, tmp_path, key, value, message):
+    model, tok = base
+    make(model, tok, ["Some Entity"]).save(tmp_path / "ad")
+    cfg = tmp_path / "ad" / "adapter_config.json"
+    meta = json.loads(cfg.read_text())
+    if value is DELETE:
+        del meta[key]
+    else:
+        meta[key] = value
+    cfg.write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match=f"adapter_config.json: .*{message}"):
+        load_adapter(tmp_path / "ad")
+
+
+def test_the_same_folder_is_not_attached_twice_by_accident(base, tiny_testbed, tmp_path):
+    """Attaching one folder twice stacked it and doubled the edit without a word."""
+    model, tok = base
+    subj = tiny_testbed.dataset.records[0].request.subject
+    randomise(make(model, tok, [subj]))
+    attached(model)[0].save(tmp_path / "ad")
+    fresh = copy.deepcopy(tiny_testbed.model)
+    attach(fresh, tmp_path / "ad")
+    with pytest.raises(AdapterError, match="already attached.*allow_duplicate=True"):
+        attach(fresh, tmp_path / "ad")
+    assert len(attached(fresh)) == 1
+    attach(fresh, tmp_path / "ad", allow_duplicate=True)  # deliberately: stacked
+    assert len(attached(fresh)) == 2
+    detach(fresh)
+    attach(fresh, tmp_path / "ad")  # detached, so attaching again is fine
+
+
 def test_attach_to_a_llama3_checkpoint_directory(tiny_testbed, tmp_path):
     """The Llama-3 code path: a checkpoint directory loaded by memoe.load_model, adapter saved and re-attached."""
     from transformers import LlamaForCausalLM

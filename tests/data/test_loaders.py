@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -87,3 +88,37 @@ def test_subject_missing_from_prompt_named(tmp_path):
 def test_missing_file_is_clear():
     with pytest.raises(FileNotFoundError, match="not found"):
         load_edit_dataset("counterfact", data_path="/nonexistent/cf.json")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ("[]", "holds no records"),
+    ("this is not json", "not JSON or JSON Lines (line 1"),
+    ('{"a": 1}\n{"b": \n', "not JSON or JSON Lines (line 2"),
+    ("[1, 2]", "record 0 is a int, not an object"),
+])
+def test_unreadable_data_files_get_one_line_errors(tmp_path, content, message):
+    """These used to end in a bare StopIteration or a raw `datasets` traceback."""
+    p = tmp_path / "d.json"
+    p.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        load_edit_dataset("counterfact", p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_wrong_schema_file_says_so(tmp_path):
+    """zsRE read as CounterFact used to end in "list index out of range" after skipping every record."""
+    p = tmp_path / "z.json"
+    p.write_text(json.dumps(json.loads((default_data_dir() / "zsre.json").read_text())[:5]))
+    with pytest.warns(UserWarning):
+        with pytest.raises(ValueError, match="none of its 5 records is a usable counterfact record.*right file"):
+            load_edit_dataset("counterfact", p, bad_records="skip")
+
+
+def test_null_case_id_is_refused(tmp_path):
+    rows = json.loads((default_data_dir() / "counterfact.json").read_text())[:2]
+    rows[1]["case_id"] = None
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(rows))
+    with pytest.raises(RecordError, match="case_id=None.*'case_id': must be an integer or a string"):
+        load_edit_dataset("counterfact", p)

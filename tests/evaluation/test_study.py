@@ -188,3 +188,17 @@ def test_killed_study_resumes(cache, tmp_path):
     assert res["complete"] and len(res["runs"]) == 4
     for key, r in killed["runs"].items():
         assert res["runs"][key] == r
+
+
+def test_a_study_whose_config_files_changed_is_not_resumed(cache, tmp_path, capsys):
+    """The result file stored config *paths*: a YAML edited between an interrupted run and its resumption mixed runs
+    made under both settings, silently. It stores their contents now, and the changed study is refused."""
+    ft_yaml = tmp_path / "ft.yaml"
+    ft_yaml.write_text("lr: 0.005\nsteps: 5\n")
+    path = write_study(tmp_path, editors=["ft"], modes=["batch"], batch_sizes=[3], editor_configs={"ft": str(ft_yaml)})
+    assert evaluate.main(["--study", str(path)]) == 0
+    stored = json.loads((tmp_path / "study.json").read_text())["definition"]["config_contents"]
+    assert stored["editor ft"] == {"lr": 0.005, "steps": 5} and "testbed" in stored
+    ft_yaml.write_text("lr: 0.5\nsteps: 1\n")
+    assert evaluate.main(["--study", str(path)]) == 2
+    assert "different study ('config_contents'" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -53,6 +54,37 @@ def test_corrupt_cache_is_rebuilt_not_used(tmp_path):
         build_testbed(cfg, cache_dir=tmp_path, progress=False, verbose=False)
 
 
+@pytest.mark.parametrize("damage", ["fewer layers", "flipped byte", "empty report", "cut corpus"])
+def test_damaged_cache_that_still_parses_is_rebuilt(tmp_path, damage):
+    """Each of these used to load without a word: a truncated model, a model with changed weights, an empty report
+    card, a wrong corpus for C0. testbed.json now holds every file's content hash."""
+    cfg = TestbedConfig(**MICRO)
+    first = build_testbed(cfg, cache_dir=tmp_path, progress=False, verbose=False)
+    p = first.path
+    if damage == "fewer layers":
+        c = json.loads((p / "config.json").read_text())
+        c["num_hidden_layers"] = 1
+        (p / "config.json").write_text(json.dumps(c))
+        name = "config.json"
+    elif damage == "flipped byte":
+        data = bytearray((p / "model.safetensors").read_bytes())
+        data[-10] ^= 0xFF
+        (p / "model.safetensors").write_bytes(bytes(data))
+        name = "model.safetensors"
+    elif damage == "empty report":
+        (p / "report.json").write_text("{}")
+        name = "report.json"
+    else:
+        text = (p / "corpus.txt").read_text()
+        (p / "corpus.txt").write_text(text[: len(text) // 2])
+        name = "corpus.txt"
+    with pytest.warns(UserWarning, match=f"{name} does not match the content hash"):
+        second = build_testbed(cfg, cache_dir=tmp_path, progress=False, verbose=False)
+    assert second.model.config.num_hidden_layers == MICRO["num_layers"] and second.report["recall"]
+    sa, sb = first.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # rebuilt, deterministically
+
+
 def test_config_change_changes_cache_key(tmp_path):
     a = TestbedConfig(**MICRO)
     b = dataclasses.replace(a, steps=9)
@@ -62,3 +94,19 @@ def test_config_change_changes_cache_key(tmp_path):
 def test_data_path_does_not_change_the_key():
     a = TestbedConfig(**MICRO)
     assert a.key("x") == dataclasses.replace(a, data_path="/elsewhere/same.json").key("x")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("steps", -5, "'steps': -5 is below the minimum 1"),
+    ("hidden_size", 0, "'hidden_size': 0 is below the minimum 1"),
+    ("lr", -1.0, "'lr': -1.0 is below the minimum 0.0"),
+    ("lr", 0.0, "'lr': 0.0 must be above 0"),
+    ("num_heads", 3, "'num_heads': 3 does not divide hidden_size 32"),
+    ("warmup", 8, "'warmup': 8 must be below steps (8)"),
+])
+def test_testbed_config_range_checks(key, value, message):
+    """Used to build and cache an untrained model (steps: -5) or crash with a traceback (the others)."""
+    from memoe.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(TestbedConfig, {**MICRO, key: value})

@@ -30,8 +30,8 @@ from memoe.config import bounds
 from memoe.contexts import ContextOptions, prefixed
 from memoe.data.records import EditRequest
 from memoe.editors.base import EditorConfig, WeightEditor, scratch_weights
-from memoe.editors.closed_form.stats import layer_stats
-from memoe.evaluation.scoring import encode_pairs, model_device, pad_batch, target_index
+from memoe.editors.closed_form.stats import corpus_identity, layer_stats, resolve_corpus
+from memoe.evaluation.scoring import encode_pairs, model_device, pad_batch, target_index, warn_if_too_long
 from memoe.models.arch import model_parts
 from memoe.tokens import fact_position
 
@@ -40,7 +40,7 @@ from memoe.tokens import fact_position
 class ClosedFormConfig(ContextOptions, EditorConfig):
     """Options shared by every closed-form editor (and the context prefixes of :class:`ContextOptions`)."""
 
-    layers: list[int] = field(default_factory=lambda: [0])
+    layers: list[int] = field(default_factory=lambda: [0], metadata=bounds(nonempty=True))
     """Edit layers (the down-projection of each); the target is set at the last one."""
     fact_token: str = field(default="subject_last", metadata=bounds(choices=("subject_last", "subject_first", "prompt_last")))
     """Token the key is read and the target written at (ROME's ``fact_token``)."""
@@ -65,7 +65,10 @@ class ClosedFormConfig(ContextOptions, EditorConfig):
     it (KL to that model) and inserts their residual with the same solve. Stops early once every request's target
     NLL is below ``v_stop_loss`` at a round's start."""
     stats_corpus: str = "auto"
-    """Text for C0: ``auto`` (a testbed's own corpus), a .txt/.jsonl path or a dataset id ``name[:config]``."""
+    """Text for C0: ``auto`` (a testbed's own corpus; on other models ``wikipedia`` if gensim is installed, else
+    ``self``), ``wikipedia`` (the English Wikipedia sample the gensim wheel ships, CC BY-SA), ``self`` (text the
+    model samples itself), a .txt/.jsonl path or a dataset id ``name[:config]`` such as
+    ``wikitext:wikitext-103-raw-v1``."""
     stats_samples: int = field(default=20_000, metadata=bounds(1))
     """Tokens in the C0 estimate."""
     stats_cache: str | None = None
@@ -92,7 +95,7 @@ def read_at_facts(model, tok, requests, prefixes, fact_token, module: str, input
     """(N, D) a module's input (``inputs=True``) or output at the fact token, averaged over prefixes."""
     texts, positions, owner = fact_rows(tok, requests, prefixes, fact_token)
     ids, mask = pad_batch(tok(texts, add_special_tokens=True)["input_ids"], tok.pad_token_id, model_device(model))
-    with nethook.capture(model, [module], inputs=inputs) as store:
+    with nethook.capture(model, [module], inputs=inputs, stop=True) as store:  # nothing above the module runs
         model.base_model(input_ids=ids, attention_mask=mask)
     vals = store[module][torch.arange(len(texts)), positions].double()  # (rows, D)
     own = torch.tensor(owner, device=vals.device)
@@ -122,6 +125,7 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
     kl_ids = [tok(f"{r.subject} is a", add_special_tokens=True)["input_ids"] for r in requests]
     kl_pos = [fact_position(tok, "{} is a", r.subject, cfg.fact_token) for r in requests]
     seqs = [p + t for p, t in zip(p_ids, t_ids)] + kl_ids
+    warn_if_too_long(model, seqs, "edit prompts (with their targets)")
     ids, mask = pad_batch(seqs, tok.pad_token_id, device)
     n_rows, N = len(p_ids), len(requests)
     rows_pos = torch.tensor(positions + kl_pos, device=device)
@@ -197,8 +201,16 @@ class C0Memo:
         per_layer = self._c0.setdefault(model, {})
         if layer not in per_layer:
             cfg = self.config
-            per_layer[layer] = layer_stats(model, tok, layer, cfg.stats_corpus, cfg.stats_samples, cfg.stats_cache, progress=False)
+            per_layer[layer] = layer_stats(model, tok, layer, cfg.stats_corpus, cfg.stats_samples, cfg.stats_cache)
         return per_layer[layer]
+
+    def stats_corpus_used(self, model) -> str:
+        """The corpus C0 comes from, as the statistics cache keys it (``auto`` resolved, files by content hash)."""
+        if not hasattr(self, "_corpus"):
+            self._corpus: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        if model not in self._corpus:
+            self._corpus[model] = corpus_identity(resolve_corpus(self.config.stats_corpus, model))
+        return self._corpus[model]
 
     def layer_covs(self, model, tok, layers: list[int]) -> dict[int, torch.Tensor]:
         """C0 per edit layer, each checked against the layer's input width."""
@@ -273,7 +285,7 @@ class ClosedFormEditor(C0Memo, WeightEditor):
         layers = edit_layers(cfg, sorted(parts.check_layer(l) for l in cfg.layers))
         weights = {l: parts.module("down_proj", l).weight for l in layers}
         covs = self.layer_covs(model, tok, layers)
-        info: dict = {"target_losses": [], "layers": layers}
+        info: dict = {"target_losses": [], "layers": layers, "stats_corpus": self.stats_corpus_used(model)}
         groups = [[r] for r in requests] if self.one_at_a_time else [requests]
 
         def write(l, delta, K):

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from memoe.config import ConfigError, bounds
 from memoe.editors.closed_form.core import ClosedFormConfig, ClosedFormEditor
 from memoe.editors.closed_form.solves import rome_solve
 
 
 @dataclass
 class ROMEConfig(ClosedFormConfig):
-    layers: list[int] = field(default_factory=lambda: [0])
+    layers: list[int] = field(default_factory=lambda: [0], metadata=bounds(nonempty=True))
     """The single edit layer."""
 
     def __post_init__(self):
         if len(self.layers) != 1:
-            from memoe.config import ConfigError
-
             raise ConfigError(f"config key 'layers': ROME edits exactly one layer, got {self.layers}")
 
 

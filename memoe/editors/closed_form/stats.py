@@ -7,8 +7,12 @@ that does not load, does not match its key, or holds a non-finite or asymmetric 
 
 from __future__ import annotations
 
+import bz2
+import hashlib
+import importlib.util
 import itertools
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -18,27 +22,108 @@ from tqdm.auto import tqdm
 
 from memoe import nethook
 from memoe.evaluation.scoring import model_device, pad_batch
-from memoe.io import load_tensors, save_tensors, stable_hash
+from memoe.io import default_cache_dir, file_sha256, load_tensors, save_tensors, stable_hash, write_text
 from memoe.models.arch import model_fingerprint, model_parts
 
 STATS_FORMAT = "1"
 
 
-def corpus_texts(source: str, model=None) -> Iterator[str]:
+#: Named corpora ``stats_corpus`` accepts besides files and dataset ids.
+NAMED_CORPORA = ("auto", "wikipedia", "self")
+WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def resolve_corpus(source: str, model=None) -> str:
+    """The concrete corpus behind ``source``: ``auto`` is a memoe testbed's own ``corpus.txt``, else
+    ``wikipedia`` when the ``gensim`` package (which ships a real Wikipedia sample) is installed, else ``self``."""
+    if source != "auto":
+        return source
+    base = getattr(model, "name_or_path", "") if model is not None else ""
+    if base and (Path(base) / "corpus.txt").is_file():
+        return str(Path(base) / "corpus.txt")
+    if importlib.util.find_spec("gensim") is not None:
+        return "wikipedia"
+    warnings.warn("stats_corpus 'auto': no testbed corpus and no 'gensim' package (pip install gensim==4.4.0 gives "
+                  "real Wikipedia text); falling back to text the model samples itself", stacklevel=2)
+    return "self"
+
+
+def _wiki_dump() -> Path:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("stats_corpus 'wikipedia' needs the 'gensim' package: pip install gensim==4.4.0")
+    dump = Path(spec.origin).parent / WIKI_DUMP
+    if not dump.is_file():
+        raise FileNotFoundError(f"stats_corpus 'wikipedia': {dump} is missing from the installed gensim package")
+    return dump
+
+
+def corpus_identity(source: str) -> str:
+    """What the statistics cache is keyed by: a file corpus by its content hash (an edited or truncated file is
+    a different corpus), the Wikipedia sample by its dump's hash, anything else by its name."""
+    if source == "wikipedia":
+        return f"wikipedia#sha256:{file_sha256(_wiki_dump())[:16]}"
+    if Path(source).is_file():
+        return f"{source}#sha256:{file_sha256(source)[:16]}"
+    return source
+
+
+def wikipedia_paragraphs(min_words: int = 20) -> list[str]:
+    """Paragraphs of the English Wikipedia sample that the ``gensim`` wheel ships as test data (98 articles,
+    ~410,000 words; the text is Wikipedia's, CC BY-SA), cleaned of markup with gensim's own ``filter_wiki``.
+    Cached as a text file under ``$MEMOE_CACHE/corpora`` (one paragraph a line)."""
+    dump = _wiki_dump()
+    cached = default_cache_dir() / "corpora" / f"wikipedia-gensim-{file_sha256(dump)[:16]}.txt"
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8").splitlines()
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    paragraphs = []
+    with bz2.open(dump) as f:
+        for _title, text, _pageid in extract_pages(f):
+            for para in re.split(r"\n\s*\n", filter_wiki(text)):
+                para = " ".join(para.replace("'''", "").replace("''", "").split())
+                if not para.startswith("=") and len(para.split()) >= min_words:
+                    paragraphs.append(para)
+    write_text(cached, "\n".join(paragraphs) + "\n")
+    return paragraphs
+
+
+@torch.no_grad()
+def self_generated_texts(model, tok, n: int, length: int = 128, seed: int = 0) -> list[str]:
+    """``n`` texts of ``length`` tokens the model samples itself (top-5, from ROME's seed words), deterministic
+    under ``seed``: the fallback when no real prose is at hand (it reads less like real text)."""
+    device = next(model.parameters()).device
+    words = ("The", "Therefore", "Because", "I", "You", "In", "A", "It")
+    out: list[str] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for b, start in enumerate(range(0, n, 16)):
+            k = min(16, n - start)  # one seed word per batch: equal lengths, no padding
+            enc = tok([words[b % len(words)]] * k, return_tensors="pt", add_special_tokens=True).to(device)
+            ids = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length, min_new_tokens=length,
+                                 pad_token_id=tok.pad_token_id)
+            out += [tok.decode(row, skip_special_tokens=True).strip() for row in ids]
+    return out
+
+
+def corpus_texts(source: str, model=None, tok=None, samples: int = 20_000, max_length: int = 128, seed: int = 0) -> Iterator[str]:
     """Texts for the statistics.
 
-    ``source``: ``auto`` (the ``corpus.txt`` a memoe testbed keeps beside its weights), a local ``.txt``
-    (one text per line), a local ``.json``/``.jsonl`` with a ``text`` field, or a Hugging Face dataset id
-    ``name[:config]`` (streamed; needs the hub).
+    ``source``: ``auto`` (see :func:`resolve_corpus`), ``wikipedia`` (:func:`wikipedia_paragraphs`), ``self``
+    (:func:`self_generated_texts`, enough for ``samples`` tokens), a local ``.txt`` (one text per line), a
+    local ``.json``/``.jsonl`` with a ``text`` field, or a Hugging Face dataset id ``name[:config]`` (streamed;
+    needs the hub), e.g. ``wikitext:wikitext-103-raw-v1``.
     """
-    if source == "auto":
-        base = getattr(model, "name_or_path", "") if model is not None else ""
-        path = Path(base) / "corpus.txt" if base else None
-        if path is None or not path.exists():
-            raise FileNotFoundError(
-                "stats_corpus='auto' needs a memoe testbed (its corpus.txt); for other models set stats_corpus "
-                "to a text file (one text per line) or a dataset id such as 'wikitext:wikitext-103-raw-v1'")
-        source = str(path)
+    source = resolve_corpus(source, model)
+    if source == "wikipedia":
+        yield from wikipedia_paragraphs()
+        return
+    if source == "self":
+        if model is None or tok is None:
+            raise ValueError("stats_corpus 'self' needs the model and its tokenizer")
+        yield from self_generated_texts(model, tok, -(-samples // max_length), max_length, seed)
+        return
     p = Path(source)
     if p.suffix == ".txt" and p.exists():
         with p.open(encoding="utf-8") as f:
@@ -75,7 +160,7 @@ def second_moment(model, tok, texts: Iterable[str], layer: int, samples: int, ba
             break
         ids = [x[:max_length] for x in tok(chunk, add_special_tokens=True)["input_ids"]]
         batch, mask = pad_batch(ids, tok.pad_token_id, device)
-        with nethook.capture(model, [name], inputs=True) as store:
+        with nethook.capture(model, [name], inputs=True, stop=True) as store:  # the layers above never run
             model.base_model(input_ids=batch, attention_mask=mask)
         k = store[name][mask.bool()].double()  # (tokens, d): padding never enters the statistics
         k = k[: samples - count]
@@ -95,14 +180,15 @@ def _cache_path(cache_dir: Path, fingerprint: str, layer: int, samples: int, dty
 def layer_stats(model, tok, layer: int, corpus: str = "auto", samples: int = 20_000, cache_dir: str | os.PathLike | None = None,
                 batch_size: int = 32, max_length: int = 128, progress: bool = True) -> torch.Tensor:
     """C0 for ``layer``, from the cache when a valid entry exists, else computed and cached."""
-    from memoe.testbed.build import default_cache_dir
-
     parts = model_parts(model)
     layer = parts.check_layer(layer)
     d = parts.down_proj_weight(layer).shape[1]
     fp, dtype = model_fingerprint(model), str(next(model.parameters()).dtype).replace("torch.", "")
-    path = _cache_path(Path(cache_dir or default_cache_dir()), fp, layer, samples, dtype, corpus)
-    meta = {"format": STATS_FORMAT, "fingerprint": fp, "layer": str(layer), "samples": str(samples), "dtype": dtype, "corpus": corpus}
+    corpus = resolve_corpus(corpus, model)
+    identity = corpus_identity(corpus)
+    path = _cache_path(Path(cache_dir or default_cache_dir()), fp, layer, samples, dtype, identity)
+    meta = {"format": STATS_FORMAT, "fingerprint": fp, "layer": str(layer), "samples": str(samples), "dtype": dtype,
+            "corpus": identity}
     if path.exists():
         try:
             from safetensors import safe_open
@@ -115,9 +201,16 @@ def layer_stats(model, tok, layer: int, corpus: str = "auto", samples: int = 20_
             C = load_tensors(path)["C0"]
             if C.shape != (d, d) or C.dtype != torch.float64 or not torch.isfinite(C).all() or not torch.allclose(C, C.T):
                 raise ValueError(f"bad matrix (shape {tuple(C.shape)}, dtype {C.dtype})")
+            if stored.get("sha256") != _tensor_sha(C):
+                raise ValueError("the matrix does not match its stored content hash")
             return C
         except Exception as e:
             warnings.warn(f"key statistics cache {path} is unusable ({e}); recomputing", stacklevel=2)
-    C, count = second_moment(model, tok, corpus_texts(corpus, model), layer, samples, batch_size, max_length, progress)
-    save_tensors(path, {"C0": C}, metadata={**meta, "count": str(count)})
+    texts = corpus_texts(corpus, model, tok, samples, max_length)
+    C, count = second_moment(model, tok, texts, layer, samples, batch_size, max_length, progress)
+    save_tensors(path, {"C0": C}, metadata={**meta, "count": str(count), "sha256": _tensor_sha(C)})
     return C
+
+
+def _tensor_sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
