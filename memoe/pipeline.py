@@ -19,6 +19,7 @@ from memoe.evaluation.known import select_known
 from memoe.evaluation.metrics import MetricsTable, compute_metrics
 from memoe.io import write_json, write_text
 from memoe.models import load_model, model_key
+from memoe.models.loading import resolve_source
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DATASETS = ("synthetic", "counterfact", "counterfact-easyedit", "zsre")
@@ -166,6 +167,8 @@ def run_evaluation(cfg: EvalConfig, subject: tuple | None = None) -> dict:
     (``complete: false`` until the last), so a failure late in a long evaluation loses nothing finished.
     ``subject`` is what :func:`load_subject` returned, when the caller already loaded it.
     """
+    if cfg.model and subject is None:
+        resolve_source(cfg.model)  # a missing model file or package is named before anything else
     editors = {name: make_editor(name, editor_config_path(name, cfg.editor_configs, cfg.model)) for name in cfg.editors}
     model, tok, ds, tb = subject or load_subject(cfg)
     records = ds.records

@@ -20,9 +20,14 @@ REGISTRY: dict[str, type[Editor]] = {
 }
 
 
+class UnknownEditorError(KeyError):
+    def __str__(self) -> str:  # KeyError would print the repr
+        return self.args[0]
+
+
 def editor_class(name: str) -> type[Editor]:
     if name not in REGISTRY:
-        raise KeyError(f"unknown editor {name!r}; registered: {sorted(REGISTRY)}")
+        raise UnknownEditorError(f"unknown editor {name!r}; registered: {sorted(REGISTRY)}")
     return REGISTRY[name]
 
 
