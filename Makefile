@@ -1,4 +1,5 @@
-# Two commands do all the set-up (see README): `make run` (the main job) and `make test` (the test suite).
+# Two commands do all the set-up (see README): `make run` (the main job) and `make test` (the test suite);
+# `make lint` runs ruff, `make docs` regenerates docs/cli.md.
 # Both create .venv and install memoe into it on first use.
 #
 # TORCH: the torch requirement installed first. The default is the CPU build that this project's machines
@@ -9,7 +10,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install run test clean
+.PHONY: install run test lint docs clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,12 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+
+docs: install  # docs/cli.md from the options' dataclasses
+	$(BIN)/python -m memoe.cli docs/cli.md
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -17,14 +17,14 @@ import torch
 
 from memoe.config import load_config
 from memoe.editors import make_editor
-from memoe.pipeline import CONFIG_DIR
+from memoe.resources import config_root
 from memoe.testbed import TestbedConfig, build_testbed
 
 
 def main(checkpoints: list[int], batch_size: int, v_steps: int, config: str, threads: int) -> None:
     torch.set_num_threads(threads)
     tb = build_testbed(load_config(TestbedConfig, config), progress=True)
-    editor = make_editor("coachhook", str(CONFIG_DIR / "editors" / "coachhook.yaml"), {"v_steps": v_steps})
+    editor = make_editor("coachhook", None, {"v_steps": v_steps})
     records = tb.dataset.records[: max(checkpoints)]
     done, seconds, rows = 0, 0.0, []
     for start in range(0, len(records), batch_size):
@@ -49,7 +49,7 @@ if __name__ == "__main__":
     ap.add_argument("--checkpoints", type=int, nargs="+", default=[10, 100, 1000], help="edit counts to report")
     ap.add_argument("--batch-size", type=int, default=10, help="edits per batch (default: 10)")
     ap.add_argument("--v-steps", type=int, default=10, help="target optimisation steps (default: 10; quality is not measured here)")
-    ap.add_argument("--config", default=str(CONFIG_DIR / "testbed" / "synthetic.yaml"), help="testbed YAML")
+    ap.add_argument("--config", default=str(config_root() / "testbed" / "synthetic.yaml"), help="testbed YAML")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     a = ap.parse_args()
     main(a.checkpoints, a.batch_size, a.v_steps, a.config, a.threads)

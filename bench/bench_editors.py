@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 
+from memoe.batching import pad_batch
 from memoe.config import load_config
 from memoe.editors import REGISTRY, editor_class, make_editor
 from memoe.evaluation.harness import PeakMemory, describe_machine, machine_info
-from memoe.evaluation.scoring import pad_batch
 from memoe.io import write_json
-from memoe.pipeline import CONFIG_DIR
+from memoe.resources import config_root
 from memoe.testbed import TestbedConfig, build_testbed
 
 
@@ -54,10 +54,10 @@ class Bench:
         self.notes: list[str] = []
 
     def config_path(self, name: str) -> str | None:
-        if self.model_key and (CONFIG_DIR / "editors" / self.model_key / f"{name}.yaml").exists():
-            return str(CONFIG_DIR / "editors" / self.model_key / f"{name}.yaml")  # the config made for this model
+        if self.model_key and (config_root() / "editors" / self.model_key / f"{name}.yaml").exists():
+            return str(config_root() / "editors" / self.model_key / f"{name}.yaml")  # the config made for this model
         for stem in ([f"{name}-{self.config_suffix}"] if self.config_suffix else []) + [name]:
-            p = CONFIG_DIR / "editors" / f"{stem}.yaml"
+            p = config_root() / "editors" / f"{stem}.yaml"
             if p.exists():
                 return str(p)
         return None
@@ -210,7 +210,8 @@ def main(editors: list[str], sizes: list[int], min_edits: int, config: str, thre
               + "".join(f", {k}={v}" for k, v in b.overrides.items()) + "\n")
         print("| editor | batch size | edits/s | peak memory (MiB) |\n|---|---|---|---|")
         for r in edits:
-            print(f"| {r['editor']} | {r['batch']} | " + (f"– ({r['skipped']}) | – |" if "skipped" in r else f"{r['edits_per_s']:.3f} | {r['peak_mb']:.0f} |"))
+            cells = f"– ({r['skipped']}) | – |" if "skipped" in r else f"{r['edits_per_s']:.3f} | {r['peak_mb']:.0f} |"
+            print(f"| {r['editor']} | {r['batch']} | " + cells)
         for r in result["editing"]:
             if r["what"] == "C0":
                 print(f"\nC0 statistics for {r['editor']} (layers {r['layers']}): {r['seconds']:.1f} s, peak {r['peak_mb']:.0f} MiB", end="")
@@ -238,7 +239,8 @@ if __name__ == "__main__":
                    help="registered editors (default: every editor but the ft baseline; none: inference table only)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100, 1000], help="batch sizes (default: 1 10 100 1000)")
     p.add_argument("--min-edits", type=int, default=10, help="edits timed at least, as several batches when B is smaller (default: 10)")
-    p.add_argument("--config", default=str(CONFIG_DIR / "testbed" / "synthetic.yaml"), help="testbed YAML: the edits and C0 text (and the model by default)")
+    p.add_argument("--config", default=str(config_root() / "testbed" / "synthetic.yaml"),
+                   help="testbed YAML: the edits and C0 text (and the model by default)")
     p.add_argument("--model", default="testbed", help="testbed (default), a preset (smollm2-135m), a .gguf file, a Hugging Face folder, "
                    "or random:SHAPE (llama3-8b, llama3-mini); a real model uses configs/editors/<model>/ where it has them")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -11,14 +11,17 @@ The public API in one place::
 
 __version__ = "0.1.0"
 
-from memoe.adapters import attach, detach, load_adapter  # noqa: E402
+from memoe.adapters import detach  # noqa: E402
 from memoe.data import EditRecord, EditRequest, load_edit_dataset  # noqa: E402
-from memoe.editors import REGISTRY, EditResult, Editor, make_editor  # noqa: E402
+from memoe.editors import REGISTRY, Editor, EditResult, attach, load_adapter, make_editor  # noqa: E402
+from memoe.errors import MemoeError  # noqa: E402
+from memoe.experiment import Experiment, load_experiment, run_experiment  # noqa: E402
 from memoe.models import load_model, model_parts  # noqa: E402
 from memoe.testbed import TestbedConfig, build_testbed  # noqa: E402
 from memoe.trace import causal_trace  # noqa: E402
 
 __all__ = [
-    "REGISTRY", "EditRecord", "EditRequest", "EditResult", "Editor", "TestbedConfig", "build_testbed", "causal_trace",
-    "attach", "detach", "load_adapter", "load_edit_dataset", "load_model", "make_editor", "model_parts",
+    "REGISTRY", "EditRecord", "EditRequest", "EditResult", "Editor", "Experiment", "MemoeError", "TestbedConfig", "build_testbed", "causal_trace",
+    "attach", "detach", "load_adapter", "load_edit_dataset", "load_experiment", "load_model", "make_editor", "model_parts",
+    "run_experiment",
 ]

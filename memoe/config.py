@@ -15,11 +15,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from memoe.errors import ConfigError, MissingFileError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A bad config key or value; the message names it."""
 
 
 def bounds(lo: float | None = None, hi: float | None = None, choices: tuple | None = None, nonempty: bool = False) -> dict:
@@ -31,7 +29,7 @@ def bounds(lo: float | None = None, hi: float | None = None, choices: tuple | No
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise MissingFileError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -102,17 +100,17 @@ def check_bounds(cfg: Any, prefix: str = "") -> None:
         v = getattr(cfg, f.name)
         lo, hi, choices = (f.metadata.get(k) for k in ("lo", "hi", "choices"))
         if f.metadata.get("nonempty") and isinstance(v, (list, tuple)) and not v:
-            raise ConfigError(f"config key {prefix}{f.name!r}: needs at least one value, got []")
+            raise ConfigError(f"config key {prefix + f.name!r}: needs at least one value, got []")
         items = v if isinstance(v, (list, tuple)) else [v]
         for x in items:
             if x is None:
                 continue
             if choices is not None and x not in choices:
-                raise ConfigError(f"config key {prefix}{f.name!r}: {x!r} is not one of {list(choices)}")
+                raise ConfigError(f"config key {prefix + f.name!r}: {x!r} is not one of {list(choices)}")
             if lo is not None and x < lo:
-                raise ConfigError(f"config key {prefix}{f.name!r}: {x!r} is below the minimum {lo}")
+                raise ConfigError(f"config key {prefix + f.name!r}: {x!r} is below the minimum {lo}")
             if hi is not None and x > hi:
-                raise ConfigError(f"config key {prefix}{f.name!r}: {x!r} is above the maximum {hi}")
+                raise ConfigError(f"config key {prefix + f.name!r}: {x!r} is above the maximum {hi}")
 
 
 def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
@@ -122,7 +120,12 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r} for {cls.__name__}; known keys: {sorted(names)}")
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r} for {cls.__name__}; known keys: {sorted(names)}")
+    for f in dataclasses.fields(cls):  # a nested section given in part keeps the rest of the field's own default
+        if f.name in data and isinstance(data[f.name], dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                data[f.name] = merge(dataclasses.asdict(default), data[f.name])
     kwargs = {k: _check_type(v, hints[k], prefix + k) for k, v in data.items()}
     cfg = cls(**kwargs)
     check_bounds(cfg, prefix)

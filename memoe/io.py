@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from memoe.errors import CacheError
 
 
 @contextlib.contextmanager
@@ -65,7 +68,20 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """A safetensors file's tensors; a missing, truncated or foreign file is a :class:`CacheError` naming it."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise CacheError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata stored in a safetensors file's header (without reading its tensors)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (OSError, SafetensorError) as e:
+        raise CacheError(f"{path}: unreadable safetensors file ({e})") from None
 
 
 def default_cache_dir() -> Path:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from memoe.errors import ConfigError, DataError
+
+
 def subject_span(tok, template: str, subject: str) -> tuple[int, int]:
     """Token indices ``[start, end)`` of ``subject`` in ``tok(template.format(subject))`` (BOS included).
 
@@ -9,15 +12,15 @@ def subject_span(tok, template: str, subject: str) -> tuple[int, int]:
     for byte-level BPEs that glue the leading space to the subject's first token.
     """
     if template.count("{}") != 1:
-        raise ValueError(f"prompt template must contain exactly one '{{}}', got {template!r}")
+        raise DataError(f"prompt template must contain exactly one '{{}}', got {template!r}")
     if not subject:
-        raise ValueError("empty subject")
+        raise DataError("empty subject")
     before = template[: template.index("{}")]
     n_before = len(tok(before.rstrip(), add_special_tokens=True)["input_ids"]) if before.strip() else \
         len(tok("", add_special_tokens=True)["input_ids"])
     n_through = len(tok(before + subject, add_special_tokens=True)["input_ids"])
     if n_through <= n_before:
-        raise ValueError(f"subject {subject!r} occupies no tokens in {template!r}")
+        raise DataError(f"subject {subject!r} occupies no tokens in {template!r}")
     return n_before, n_through
 
 
@@ -30,4 +33,4 @@ def fact_position(tok, template: str, subject: str, where: str) -> int:
         return start
     if where == "prompt_last":
         return len(tok(template.replace("{}", subject), add_special_tokens=True)["input_ids"]) - 1
-    raise ValueError(f"unknown token position {where!r}; choose subject_last, subject_first or prompt_last")
+    raise ConfigError(f"unknown token position {where!r}; choose subject_last, subject_first or prompt_last")

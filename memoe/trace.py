@@ -29,7 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from memoe import nethook
-from memoe.evaluation.scoring import model_device
+from memoe.batching import model_device
+from memoe.io import atomic_path
 from memoe.models.arch import model_parts
 from memoe.tokens import subject_span
 
@@ -213,12 +214,12 @@ def trace_fact(model: nn.Module, tok, template: str, subject: str, target: str, 
             sample_of = torch.tensor([s for _, _, s in rows], device=device)
             # Per layer and module kind: the batch rows whose module output at token t is set to the clean one.
             fix = {k: [[] for _ in range(L)] for k in ("mlp", "attn")}
-            for j, (k, l, s) in enumerate(rows):
+            for j, (k, l, _s) in enumerate(rows):
                 if kinds[k] != "hidden":
                     for i in _window(l, window, L):
                         fix[kinds[k]][i].append(j)
 
-            def restorer(kind: str, i: int):
+            def restorer(kind: str, i: int, fix=fix, t=t, off=off):  # bound now: built and used in this iteration
                 rr = torch.tensor(fix[kind][i], dtype=torch.long, device=device)
                 if not len(rr):
                     return None
@@ -308,8 +309,6 @@ def plot_trace(result: TraceResult, path: str, title: str = "causal trace") -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from memoe.io import atomic_path
-
     kinds = list(result.effects)
     fig, axes = plt.subplots(2, len(kinds), figsize=(5 * len(kinds), 6.5), squeeze=False,
                              gridspec_kw={"height_ratios": [1.2, 1]})
@@ -320,7 +319,8 @@ def plot_trace(result: TraceResult, path: str, title: str = "causal trace") -> N
         ax = axes[0][j]
         im = ax.imshow(grid.nan_to_num(0.0).numpy(), aspect="auto", cmap=cmaps.get(kind, "viridis"), interpolation="nearest")
         ax.set_yticks(range(len(cats)), [c.replace("_", " ") for c in cats], fontsize=8)
-        ax.set_title(f"restore {kind}" + (f" (window {result.settings.get('window')})" if kind != "hidden" and result.settings.get("window", 1) > 1 else ""))
+        windowed = kind != "hidden" and result.settings.get("window", 1) > 1
+        ax.set_title(f"restore {kind}" + (f" (window {result.settings.get('window')})" if windowed else ""))
         fig.colorbar(im, ax=ax, fraction=0.046)
         ax = axes[1][j]
         for c in ("subject_first", "subject_last", "prompt_last"):

@@ -12,6 +12,8 @@ sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 import train  # noqa: E402
 
+from .markers import needs_shared_data  # noqa: E402
+
 TINY = str(ROOT / "configs" / "testbed" / "tiny.yaml")
 
 
@@ -28,16 +30,17 @@ def test_evaluate_writes_every_field(cache, tmp_path, capsys):
                         "--output", str(out), "--plot", "--no-progress", "--seed", "1"])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert [(r["mode"], r["batch_size"]) for r in res["runs"]] == [("sequential-batch", 3), ("sequential-batch", 6), ("batch", 3), ("batch", 6)]
-    for r in res["runs"]:
+    runs = list(res["runs"].values())
+    assert [(r["mode"], r["batch_size"]) for r in runs] == [("sequential-batch", 3), ("sequential-batch", 6), ("batch", 3), ("batch", 6)]
+    for r in runs:
         for key in ("pre", "current", "final", "edit_seconds", "edits_per_second", "peak_memory_mb", "scoring", "restores"):
             assert key in r
         assert r["current"]["cf_efficacy"] is not None and r["pre"] == res["pre"]
         assert (r["final"] is None) == (r["mode"] == "batch")
-    assert res["options"]["seed"] == 1 and res["dataset"]["num_edits"] == 6
+    assert res["options"]["edits"]["seed"] == 1 and res["dataset"]["num_edits"] == 6
     assert res["machine"]["device"] == "cpu" and res["machine"]["gpu"] is None  # where it ran, for the README
     md = out.with_suffix(".md").read_text()
-    assert md.startswith("| run |") and "pre-edit" in md and "ft sequential-batch b=3 (final)" in md
+    assert md.startswith("| editor | mode | batch |") and "| run |" in md and "ft sequential-batch b=3 (final)" in md
     for png in ("out-batch-size.png", "out-edits.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert "prompts/s" in capsys.readouterr().out
@@ -45,20 +48,21 @@ def test_evaluate_writes_every_field(cache, tmp_path, capsys):
 
 def test_evaluate_yaml_config_with_overrides(cache, tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"editors: [ft]\nnum_edits: 4\nmodes: [single]\ntestbed_config: {TINY}\nprogress: false\n")
+    cfg.write_text(f"edits: {{num_edits: 4, testbed_config: {TINY}}}\ngrid: {{editors: [ft], modes: [single]}}\nprogress: false\n")
     out = tmp_path / "o.json"
     assert evaluate.main(["--config", str(cfg), "--num-edits", "2", "--output", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["dataset"]["num_edits"] == 2 and res["runs"][0]["mode"] == "single" and res["runs"][0]["restores"] == 2
+    (run,) = res["runs"].values()
+    assert res["dataset"]["num_edits"] == 2 and run["mode"] == "single" and run["restores"] == 2
 
 
 def test_bad_options_are_named(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("num_edit: 4\n")
+    cfg.write_text("edits: {num_edit: 4}\n")
     assert evaluate.main(["--config", str(cfg)]) == 2
-    assert "unknown config key 'num_edit'" in capsys.readouterr().err
+    assert "unknown config key 'edits.num_edit'" in capsys.readouterr().err
     assert evaluate.main(["--num-edits", "0"]) == 2
-    assert "'num_edits'" in capsys.readouterr().err
+    assert "'edits.num_edits': 0 is below the minimum 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.main(["--mode", "parallel"])
 
@@ -85,15 +89,17 @@ def test_known_only_is_recorded(cache, tmp_path):
 
 def test_real_model_without_its_own_config_is_told_where_to_add_one(tmp_path, capsys):
     from memoe.config import ConfigError
-    from memoe.pipeline import editor_config_path
+    from memoe.experiment import EditTarget
+    from memoe.resources import editor_config_path
 
-    assert editor_config_path("rome", {}, "smollm2-135m").endswith("configs/editors/smollm2-135m/rome.yaml")
+    assert str(editor_config_path("rome", EditTarget(model="smollm2-135m").config_key())).endswith("configs/editors/smollm2-135m/rome.yaml")
     with pytest.raises(ConfigError, match="configs/editors/mystery-7b/rome.yaml.*--editor-config rome=PATH.*smollm2-135m"):
-        editor_config_path("rome", {}, str(tmp_path / "mystery-7b"))
-    assert editor_config_path("rome", {"rome": "x.yaml"}, "smollm2-135m") == "x.yaml"
+        editor_config_path("rome", EditTarget(model=str(tmp_path / "mystery-7b")).config_key())
+    assert editor_config_path("rome", EditTarget().config_key()).name == "rome.yaml"  # the testbed's
 
 
 @pytest.mark.slow
+@needs_shared_data
 def test_trace_on_the_real_model(tmp_path, capsys):
     """ROME's protocol on SmolLM2: two facts it knows by greedy decoding, from the shared CounterFact file."""
     out = tmp_path / "r.json"
@@ -113,7 +119,8 @@ def train_args(tmp_path, *extra):
 
 @pytest.fixture
 def memoe_yaml(tmp_path):
-    (tmp_path / "m.yaml").write_text("adapter: {layers: [0], num_experts: 4, rank: 16, scope: after_anchor}\ntrain: {lr: 0.02, max_steps: 120}\n")
+    (tmp_path / "m.yaml").write_text("method: memoe\nadapter: {layers: [0], num_experts: 4, rank: 16, scope: after_anchor}\n"
+                                     "train: {lr: 0.02, max_steps: 120}\n")
 
 
 def test_train_main_job_saves_and_scores_an_adapter(cache, tmp_path, capsys, memoe_yaml):
@@ -158,52 +165,54 @@ def test_run_time_errors_are_reported_not_raised(cache, tmp_path, capsys):
 
 
 def test_device_option_moves_the_testbed(cache):
-    from memoe.pipeline import EvalConfig, load_subject
+    from memoe.experiment import EditTarget, load_subject
 
-    model, *_ = load_subject(EvalConfig(dataset="synthetic", num_edits=2, testbed_config=TINY, device="meta", progress=False))
+    model = load_subject(EditTarget(dataset="synthetic", num_edits=2, testbed_config=TINY, device="meta"), progress=False).model
     assert {p.device.type for p in model.parameters()} == {"meta"}  # (a GPU run passes cuda; meta needs none)
-    model, *_ = load_subject(EvalConfig(dataset="synthetic", num_edits=2, testbed_config=TINY, progress=False))
+    model = load_subject(EditTarget(dataset="synthetic", num_edits=2, testbed_config=TINY), progress=False).model
     assert {p.device.type for p in model.parameters()} == {"cpu"}  # the default: where it was built
 
 
 def test_model_option_on_a_testbed_directory_edits_the_facts_it_learned(tiny_testbed):
-    from memoe.pipeline import EvalConfig, load_subject
+    from memoe.errors import ConfigError, DataError
+    from memoe.experiment import EditTarget, load_subject
 
     # a synthetic world depends on its size: the tiny testbed's, not a fresh world of --num-edits facts
-    _, _, ds, _ = load_subject(EvalConfig(dataset="synthetic", num_edits=3, model=str(tiny_testbed.path), device="cpu"))
+    ds = load_subject(EditTarget(dataset="synthetic", num_edits=3, model=str(tiny_testbed.path), device="cpu")).dataset
     assert [r.request for r in ds.records] == [r.request for r in tiny_testbed.dataset.records[:3]]
-    with pytest.raises(ValueError, match="testbed of dataset 'synthetic', not 'zsre'"):
-        load_subject(EvalConfig(dataset="zsre", num_edits=3, model=str(tiny_testbed.path), device="cpu"))
-    with pytest.raises(ValueError, match="exceeds the"):
-        load_subject(EvalConfig(dataset="synthetic", num_edits=10**6, model=str(tiny_testbed.path), device="cpu"))
+    with pytest.raises(ConfigError, match="testbed of dataset 'synthetic', not 'zsre'"):
+        load_subject(EditTarget(dataset="zsre", num_edits=3, model=str(tiny_testbed.path), device="cpu"))
+    with pytest.raises(DataError, match="exceeds the"):
+        load_subject(EditTarget(dataset="synthetic", num_edits=10**6, model=str(tiny_testbed.path), device="cpu"))
 
 
 def test_model_option_names_a_corrupt_testbed_description(tiny_testbed, tmp_path):
     import shutil
 
-    from memoe.pipeline import EvalConfig, load_subject
+    from memoe.errors import ConfigError
+    from memoe.experiment import EditTarget, load_subject
 
     copy = tmp_path / "tb"
     shutil.copytree(tiny_testbed.path, copy)
     (copy / "testbed.json").write_text('{"format": 1, "key": "x"')  # truncated
-    with pytest.raises(ValueError, match=r"testbed.json: not a memoe testbed description"):
-        load_subject(EvalConfig(dataset="synthetic", num_edits=3, model=str(copy), device="cpu"))
+    with pytest.raises(ConfigError, match=r"testbed.json: not a memoe testbed description"):
+        load_subject(EditTarget(dataset="synthetic", num_edits=3, model=str(copy), device="cpu"))
 
 
 def test_unknown_editor_fails_before_any_work(cache, tmp_path, capsys, monkeypatch):
     """``--editor ft --editor nosuch`` used to run ft to the end, then fail and write nothing."""
-    import memoe.pipeline
+    import memoe.experiment
 
-    monkeypatch.setattr(memoe.pipeline, "load_subject", lambda cfg: pytest.fail("loaded the model before checking editors"))
+    monkeypatch.setattr(memoe.experiment, "load_subject", lambda *a, **kw: pytest.fail("loaded the model before checking editors"))
     out = tmp_path / "x.json"
     assert evaluate.main(["--editor", "ft", "--editor", "nosuch", "--testbed-config", TINY, "--output", str(out)]) == 2
     assert "nosuch" in capsys.readouterr().err and not out.exists()
 
 
 def test_finished_runs_are_written_before_a_later_one_fails(cache, tmp_path, monkeypatch):
-    import memoe.pipeline
+    import memoe.experiment
 
-    real, calls = memoe.pipeline.run_mode, []
+    real, calls = memoe.experiment.run_mode, []
 
     def second_fails(*a, **kw):
         calls.append(1)
@@ -211,13 +220,13 @@ def test_finished_runs_are_written_before_a_later_one_fails(cache, tmp_path, mon
             raise RuntimeError("the machine went away")
         return real(*a, **kw)
 
-    monkeypatch.setattr(memoe.pipeline, "run_mode", second_fails)
+    monkeypatch.setattr(memoe.experiment, "run_mode", second_fails)
     out = tmp_path / "x.json"
     with pytest.raises(RuntimeError):
         evaluate.main(["--editor", "ft", "--testbed-config", TINY, "--num-edits", "3", "--mode", "batch",
                        "--batch-size", "3", "--batch-size", "1", "--output", str(out), "--no-progress"])
     res = json.loads(out.read_text())
-    assert res["complete"] is False and [(r["mode"], r["batch_size"]) for r in res["runs"]] == [("batch", 3)]
+    assert res["complete"] is False and [(r["mode"], r["batch_size"]) for r in res["runs"].values()] == [("batch", 3)]
 
 
 def test_batch_size_above_the_edits_is_labelled_by_the_batch_it_is(cache, tmp_path):
@@ -225,10 +234,11 @@ def test_batch_size_above_the_edits_is_labelled_by_the_batch_it_is(cache, tmp_pa
     assert evaluate.main(["--editor", "ft", "--testbed-config", TINY, "--num-edits", "3", "--mode", "batch",
                           "--batch-size", "10", "--output", str(out), "--no-progress"]) == 0
     res = json.loads(out.read_text())
-    assert res["complete"] is True and [r["batch_size"] for r in res["runs"]] == [3]
+    assert res["complete"] is True and [r["batch_size"] for r in res["runs"].values()] == [3]
     assert "ft batch b=3" in out.with_suffix(".md").read_text()
 
 
+@needs_shared_data
 def test_bad_records_error_is_honoured_when_a_testbed_is_built(tmp_path, capsys, monkeypatch):
     """``--bad-records error`` used to be ignored on the testbed path (the record was skipped, rc 0)."""
     from memoe.data.loaders import default_data_dir
@@ -254,9 +264,10 @@ def test_missing_resume_checkpoint_is_a_one_line_error(cache, tmp_path, capsys, 
     assert "no checkpoint at" in capsys.readouterr().err
 
 
+@needs_shared_data
 def test_num_edits_beyond_a_real_dataset_is_an_error(tmp_path):
     from memoe.data.loaders import default_data_dir
-    from memoe.pipeline import EvalConfig, load_subject
+    from memoe.experiment import EditTarget, load_subject
 
     rows = json.loads((default_data_dir() / "counterfact.json").read_text())[:3]
     (tmp_path / "cf.json").write_text(json.dumps(rows))
@@ -270,4 +281,36 @@ def test_num_edits_beyond_a_real_dataset_is_an_error(tmp_path):
     LlamaForCausalLM(llama3_mini_config(vocab_size=len(tok))).save_pretrained(tiny)
     tok.save_pretrained(tiny)
     with pytest.raises(ValueError, match="--num-edits 5 exceeds the 3 usable records"):
-        load_subject(EvalConfig(dataset="counterfact", data_path=str(tmp_path / "cf.json"), num_edits=5, model=str(tiny), device="cpu"))
+        load_subject(EditTarget(dataset="counterfact", data_path=str(tmp_path / "cf.json"), num_edits=5, model=str(tiny), device="cpu"))
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    from memoe.cli import run_cli
+    from memoe.errors import DataError
+
+    def mistake(argv):
+        raise DataError("record case_id=7, field 'prompt': no subject")
+
+    def bug(argv):
+        raise KeyError("internal")
+
+    assert run_cli(mistake) == 2
+    assert capsys.readouterr().err == "error: record case_id=7, field 'prompt': no subject\n"
+    with pytest.raises(KeyError):  # not turned into "error: ..." and exit 2
+        run_cli(bug)
+
+
+def test_command_line_options_come_from_the_dataclasses():
+    """Each option is declared once, as a field: the parser sets exactly the fields it names."""
+    from memoe.cli import overrides
+
+    p, cmd_opts, exp_opts = evaluate.parser()
+    ns = p.parse_args(["--editor", "rome", "memit", "--batch-size", "1", "--batch-size", "16", "--no-progress",
+                       "--score-batch-size", "8", "--editor-config", "rome=r.yaml", "--trace-window", "3"])
+    assert overrides(ns, exp_opts) == {"grid": {"editors": ["rome", "memit"], "batch_sizes": [1, 16], "editor_configs": {"rome": "r.yaml"}},
+                                       "progress": False, "scoring": {"batch_size": 8}}
+    assert overrides(ns, cmd_opts) == {"trace_options": {"window": 3}}
+    p, opts = train.parser()
+    job = train.from_dict(train.TrainJob, overrides(p.parse_args(["--accelerator", "cpu", "--num-edits", "5"]), opts))
+    assert job.trainer.accelerator == "cpu" and job.trainer.logger == "csv"  # the job's own trainer defaults stay
+    assert job.edits.num_edits == 5

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from memoe.errors import DataError
+
 
 def word_flags(tok) -> tuple[torch.Tensor, torch.Tensor]:
     """Two (V,) bool tensors over the vocabulary: the token glues onto the previous word (no leading space
@@ -53,7 +55,7 @@ class AnchorTrie:
 
     def add_ids(self, ids: list[int]) -> None:
         if not ids:
-            raise ValueError("an anchor must have at least one token")
+            raise DataError("an anchor must have at least one token")
         node = self.root
         for t in ids:
             node = node.setdefault(int(t), {})
@@ -65,7 +67,7 @@ class AnchorTrie:
         """Add an entity, in its sentence-initial and mid-sentence spellings."""
         text = text.strip()
         if not text:
-            raise ValueError("empty anchor text")
+            raise DataError("empty anchor text")
         if text in self.texts:
             return
         self.texts.append(text)
@@ -141,7 +143,7 @@ def anchor_positions(spans: list[list[tuple[int, int]]], length: int, device=Non
     it (-1 where none has yet). Causal: a token is never routed by an entity that comes after it."""
     out = torch.full((len(spans), length), -1, dtype=torch.long)
     for b, row in enumerate(spans):
-        for start, end in sorted(row):
+        for _start, end in sorted(row):
             if end - 1 < length:
                 out[b, end - 1 :] = end - 1
     return out.to(device) if device is not None else out

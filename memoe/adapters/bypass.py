@@ -19,6 +19,7 @@ anchors, method state) and ``adapter_model.safetensors``; both written atomicall
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import warnings
 import weakref
@@ -31,17 +32,14 @@ import torch
 from torch import nn
 
 from memoe.adapters.anchors import AnchorTrie, anchor_positions
-from memoe.config import ConfigError, from_dict
+from memoe.config import from_dict
+from memoe.errors import AdapterError, CacheError, ConfigError, LayerError, MissingFileError
 from memoe.io import load_tensors, save_tensors, write_json
 from memoe.models.arch import model_fingerprint, model_parts
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _ATTACHED = "_memoe_adapters"  # model.__dict__ key: a plain list, so the adapter is not a submodule of the base
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be loaded or attached; the message names the file, key or shape."""
 
 
 class RoutingContext:
@@ -88,6 +86,9 @@ class BypassLayer(nn.Module):
     @abstractmethod
     def forward(self, x: torch.Tensor, out: torch.Tensor, ctx: RoutingContext) -> torch.Tensor: ...
 
+    def seed_noise(self, generator: torch.Generator) -> None:
+        """Draw this layer's training noise (if it has any) from ``generator``, for reproducible training."""
+
 
 class BypassAdapter(nn.Module):
     """Base of bypass adapters. Subclasses set ``method``, ``Config``, ``target`` and :meth:`build_layer`."""
@@ -130,7 +131,7 @@ class BypassAdapter(nn.Module):
         n = self.base_info["num_layers"]
         for l in self.config.layers:
             if not -n <= l < n:
-                raise IndexError(f"layer {l} out of range: the model has {n} layers (0..{n - 1})")
+                raise LayerError(f"layer {l} out of range: the model has {n} layers (0..{n - 1})")
             self.layers[str(l % n)] = self.build_layer(l % n)
             self.layers[str(l % n)].key = str(l % n)
 
@@ -240,6 +241,18 @@ class BypassAdapter(nn.Module):
         finally:
             self.enabled = old
 
+    # -- undo -----------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Everything an edit may change (weights, anchors, method state), copied off the accelerator."""
+        return {"weights": {k: v.to("cpu", copy=True) for k, v in self.state_dict().items()},
+                "trie": copy.deepcopy(self.trie), "state": copy.deepcopy(self.method_state())}
+
+    def rewind(self, snap: dict) -> None:
+        """Put the adapter back exactly as :meth:`snapshot` found it."""
+        self.load_state_dict(snap["weights"])
+        self.trie = copy.deepcopy(snap["trie"])
+        self.load_method_state(copy.deepcopy(snap["state"]))
+
     # -- saving ---------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into folder ``path`` (atomically)."""
@@ -282,15 +295,14 @@ def check_base(info: dict, model: nn.Module, strict: bool = False) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
-def load_adapter(path: str | Path) -> BypassAdapter:
-    """Read a saved adapter folder; every file, key and shape is checked before anything is used."""
-    from memoe.adapters import ADAPTERS
-
+def read_adapter(path: str | Path, classes: dict[str, type[BypassAdapter]]) -> BypassAdapter:
+    """Read a saved adapter folder whose ``method`` is one of ``classes`` (method -> adapter class; the registered
+    ones: :func:`memoe.editors.load_adapter`); every file, key and shape is checked before anything is used."""
     path = Path(path)
     cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     for f in (cfg_file, w_file):
         if not f.exists():
-            raise FileNotFoundError(f"adapter file missing: {f}")
+            raise MissingFileError(f"adapter file missing: {f}")
     try:
         meta = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -302,9 +314,9 @@ def load_adapter(path: str | Path) -> BypassAdapter:
         if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
             raise AdapterError(f"{cfg_file}: key {key!r} must be of type {kind.__name__}, got {meta[key]!r}")
     method, version = meta["method"], meta["version"]
-    if method not in ADAPTERS:
-        raise AdapterError(f"{cfg_file}: unknown adapter method {method!r}; known: {sorted(ADAPTERS)}")
-    cls = ADAPTERS[method]
+    if method not in classes:
+        raise AdapterError(f"{cfg_file}: unknown adapter method {method!r}; known: {sorted(classes)}")
+    cls = classes[method]
     if version > cls.version:
         raise AdapterError(f"{cfg_file}: adapter format version {version} is newer than this memoe reads ({cls.version})")
     try:
@@ -313,8 +325,8 @@ def load_adapter(path: str | Path) -> BypassAdapter:
         raise AdapterError(f"{cfg_file}: {e}") from None
     try:
         tensors = load_tensors(w_file)
-    except Exception as e:  # safetensors raises its own error types on a truncated/corrupt file
-        raise AdapterError(f"{w_file}: unreadable safetensors file ({e})") from None
+    except CacheError as e:
+        raise AdapterError(str(e)) from None
     trie = None
     if cls.uses_anchors:
         if "anchors.joins" not in tensors or "anchors.special" not in tensors:
@@ -343,21 +355,6 @@ def load_adapter(path: str | Path) -> BypassAdapter:
     adapter.load_method_state(meta.get("state") or {})
     adapter.eval().source = str(path.resolve())
     return adapter
-
-
-def attach(model: nn.Module, adapter: BypassAdapter | str | Path, strict: bool = False,
-           allow_duplicate: bool = False) -> BypassAdapter:
-    """Attach an adapter (object or saved folder) to a loaded base model; returns the attached adapter.
-
-    The same saved folder twice on one model would apply its edit twice, so it is refused unless
-    ``allow_duplicate=True`` says that is what is wanted."""
-    if not isinstance(adapter, BypassAdapter):
-        adapter = load_adapter(adapter)
-    source = getattr(adapter, "source", None)
-    if source and not allow_duplicate and any(getattr(a, "source", None) == source for a in attached(model)):
-        raise AdapterError(f"adapter {source} is already attached to this model (attaching it again would apply its edit "
-                           "twice); detach it first, or pass allow_duplicate=True to stack it deliberately")
-    return adapter.attach(model, strict=strict)
 
 
 def attached(model: nn.Module) -> list[BypassAdapter]:

@@ -105,8 +105,19 @@ class CoachHooKAdapter(BypassAdapter):
         """Bytes of the hook memory (D, Σ K Kᵀ and α of every layer): constant in the number of edits."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
-    #: set by the gradient-trained update: {layer: (C0, D at the start)} for the preservation penalty
+    #: {layer: (C0, D at the start)} while :meth:`preserving` is active (the gradient-trained update)
     preserve: dict | None = None
+
+    @contextlib.contextmanager
+    def preserving(self, covs: dict[int, torch.Tensor]) -> Iterator[None]:
+        """Within the block, :meth:`aux_loss` penalises moving the hooks' outputs on the base's keys: C0 of each layer
+        (``covs``), measured from D as it is on entry."""
+        device = next(iter(self.layers.values())).delta.device
+        self.preserve = {str(l): (C.float().to(device), self.layers[str(l)].delta.detach().clone()) for l, C in covs.items()}
+        try:
+            yield
+        finally:
+            self.preserve = None
 
     def aux_loss(self) -> torch.Tensor | None:
         """Σ_l tr(ΔD C0 ΔDᵀ) / tr(C0): how much the update moves the outputs on the base's key distribution."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from memoe.io import atomic_path, save_tensors, write_json
+from memoe.io import save_tensors, write_json
 from memoe.models.arch import model_parts
 
 

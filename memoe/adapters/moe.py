@@ -25,6 +25,7 @@ from torch import nn
 
 from memoe.adapters.bypass import BypassAdapter, BypassLayer, RoutingContext
 from memoe.config import bounds
+from memoe.errors import ConfigError
 
 
 @dataclass
@@ -60,7 +61,7 @@ class MoELayer(BypassLayer):
     def __init__(self, hidden: int, cfg: MEMoEConfig):
         super().__init__()
         if cfg.top_k > cfg.num_experts:
-            raise ValueError(f"top_k={cfg.top_k} exceeds num_experts={cfg.num_experts}")
+            raise ConfigError(f"top_k={cfg.top_k} exceeds num_experts={cfg.num_experts}")
         self.cfg = cfg
         E, r = cfg.num_experts, cfg.rank
         gen = torch.Generator().manual_seed(0)  # fixed init; training randomness comes from the seed
@@ -74,7 +75,7 @@ class MoELayer(BypassLayer):
         self.noise = nn.Parameter(torch.zeros(E, router_in))
         self.aux_loss: torch.Tensor | None = None  # load-balancing loss of the last training forward
         self.last_gates: torch.Tensor | None = None  # (B, T, E) gate weights of the last forward (zeros off top-k)
-        self.noise_generator: torch.Generator | None = None  # set by the trainer for reproducible noise
+        self.noise_generator: torch.Generator | None = None  # set by the trainer (seed_noise) for reproducible noise
 
     def gates(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, E) dense gate weights (softmax over the top-k, zero elsewhere) and (B, T, E) router probs."""
@@ -86,6 +87,9 @@ class MoELayer(BypassLayer):
         top, idx = logits.topk(self.cfg.top_k, dim=-1)  # (B, T, k)
         dense = torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, -1))
         return dense, torch.softmax(logits, -1)
+
+    def seed_noise(self, generator: torch.Generator) -> None:
+        self.noise_generator = generator
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         xf = x.float()

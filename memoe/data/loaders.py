@@ -13,15 +13,18 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from memoe.data.records import (
+    BadRecordPolicy,
     EditDataset,
     EditRecord,
     EditRequest,
     LabeledPrompt,
-    BadRecordPolicy,
     RecordError,
     check_records,
     require,
 )
+from memoe.data.synthetic import WorldConfig, build_world
+from memoe.errors import ConfigError, DataError, MissingFileError
+from memoe.io import write_json
 
 Schema = Literal["auto", "counterfact", "counterfact-easyedit", "zsre", "memoe"]
 
@@ -155,7 +158,7 @@ def detect_schema(raw: dict) -> str:
         return "zsre"
     if {"prompt", "target_new", "ground_truth"} <= keys:
         return "counterfact-easyedit"
-    raise ValueError(f"cannot tell the schema of a record with keys {sorted(keys)}; pass schema= one of {sorted(PARSERS)}")
+    raise DataError(f"cannot tell the schema of a record with keys {sorted(keys)}; pass schema= one of {sorted(PARSERS)}")
 
 
 def _read_json_rows(path: Path) -> list:
@@ -163,7 +166,7 @@ def _read_json_rows(path: Path) -> list:
     file (and line) otherwise."""
     text = path.read_text(encoding="utf-8")
     if not text.strip():
-        raise ValueError(f"edit dataset {path} is empty")
+        raise DataError(f"edit dataset {path} is empty")
     try:
         rows = json.loads(text)
         rows = rows if isinstance(rows, list) else [rows]
@@ -175,10 +178,10 @@ def _read_json_rows(path: Path) -> list:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     first = whole if n == 1 else e
-                    raise ValueError(f"edit dataset {path}: not JSON or JSON Lines (line {n}: {first.msg})") from None
+                    raise DataError(f"edit dataset {path}: not JSON or JSON Lines (line {n}: {first.msg})") from None
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"edit dataset {path}: record {i} is a {type(row).__name__}, not an object")
+            raise DataError(f"edit dataset {path}: record {i} is a {type(row).__name__}, not an object")
     return rows
 
 
@@ -190,7 +193,7 @@ def _read_rows(source: str, split: str) -> list[dict]:
     if path.exists():
         return _read_json_rows(path)
     if source.endswith((".json", ".jsonl")) or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"edit dataset file not found: {source}")
+        raise MissingFileError(f"edit dataset file not found: {source}")
     import datasets  # a hub id such as "azhx/counterfact"; only works where the hub is reachable
 
     datasets.disable_progress_bars()
@@ -216,10 +219,10 @@ def load_records(
     """
     rows = _read_rows(str(source), split)
     if not rows:
-        raise ValueError(f"edit dataset {source} holds no records")
+        raise DataError(f"edit dataset {source} holds no records")
     schema = detect_schema(rows[0]) if schema == "auto" else schema
     if schema not in PARSERS:
-        raise ValueError(f"unknown schema {schema!r}; choose one of {sorted(PARSERS)}")
+        raise ConfigError(f"unknown schema {schema!r}; choose one of {sorted(PARSERS)}")
     parse = PARSERS[schema]
 
     def parsed(i: int, row: dict) -> EditRecord | RecordError:
@@ -230,7 +233,7 @@ def load_records(
 
     records, skipped = check_records([parsed(i, row) for i, row in enumerate(rows)], bad_records=bad_records)
     if not records:
-        raise ValueError(f"edit dataset {source}: none of its {len(rows)} records is a usable {schema} record "
+        raise DataError(f"edit dataset {source}: none of its {len(rows)} records is a usable {schema} record "
                          f"(first problem: {skipped[0]}); is it the right file for this dataset?")
     if limit is not None:
         records = records[:limit]
@@ -253,14 +256,12 @@ def load_edit_dataset(
     :class:`memoe.data.synthetic.WorldConfig`.
     """
     if name == "synthetic":
-        from memoe.data.synthetic import WorldConfig, build_world
-
         world = build_world(WorldConfig(num_edits=limit or 1000, seed=seed, **synthetic_options))
         return world.dataset
     if name in DEFAULT_FILES:
         path = Path(data_path) if data_path else default_data_dir() / DEFAULT_FILES[name]
         if not path.exists():
-            raise FileNotFoundError(f"{name} data not found at {path}; pass --data-path or set MEMOE_DATA_DIR")
+            raise MissingFileError(f"{name} data not found at {path}; pass --data-path or set MEMOE_DATA_DIR")
         ds = load_records(path, schema=name, limit=limit, bad_records=bad_records)
         ds.name = name
         return ds
@@ -269,6 +270,4 @@ def load_edit_dataset(
 
 def save_records(path: str | os.PathLike, records: list[EditRecord]) -> None:
     """Write records in memoe's own JSON schema (atomically); :func:`load_records` reads them back."""
-    from memoe.io import write_json
-
     write_json(path, [r.to_dict() for r in records])

@@ -12,16 +12,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
+from memoe.errors import ConfigError, RecordError
+
 BadRecordPolicy = Literal["error", "skip"]
-
-
-class RecordError(ValueError):
-    """A malformed edit record. The message names the record (case id and index) and the field."""
-
-    def __init__(self, case_id: object, index: int | None, field_name: str, problem: str):
-        where = f"record case_id={case_id!r}" + (f" (index {index})" if index is not None else "")
-        super().__init__(f"{where}, field {field_name!r}: {problem}")
-        self.case_id, self.index, self.field, self.problem = case_id, index, field_name, problem
 
 
 @dataclass(frozen=True)
@@ -151,7 +144,7 @@ def check_records(
     Identical duplicates are merged with a warning. Nothing is ever dropped silently.
     """
     if bad_records not in ("error", "skip"):
-        raise ValueError(f"bad_records must be 'error' or 'skip', got {bad_records!r}")
+        raise ConfigError(f"bad_records must be 'error' or 'skip', got {bad_records!r}")
     out: list[EditRecord] = []
     skipped: list[RecordError] = []
     seen: dict[object, tuple[int, EditRecord]] = {}

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 
 from memoe.data.records import EditDataset, EditRecord, EditRequest, LabeledPrompt
+from memoe.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -119,12 +120,12 @@ class WorldConfig:
 
     def __post_init__(self):
         if not 1 <= self.num_edits <= 100_000:
-            raise ValueError(f"num_edits must be in [1, 100000], got {self.num_edits}")
+            raise ConfigError(f"num_edits must be in [1, 100000], got {self.num_edits}")
         if not 1 <= self.num_relations <= len(RELATIONS):
-            raise ValueError(f"num_relations must be in [1, {len(RELATIONS)}], got {self.num_relations}")
+            raise ConfigError(f"num_relations must be in [1, {len(RELATIONS)}], got {self.num_relations}")
         capacity = self.num_name_words * (self.num_name_words - 1)
         if math.ceil(self.num_edits / self.num_relations) > capacity:
-            raise ValueError(f"num_name_words={self.num_name_words} gives only {capacity} subjects; raise it")
+            raise ConfigError(f"num_name_words={self.num_name_words} gives only {capacity} subjects; raise it")
 
 
 @dataclass(frozen=True)

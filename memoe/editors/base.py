@@ -18,9 +18,12 @@ from typing import Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
+from memoe.adapters.lora import save_lora
 from memoe.config import from_dict
 from memoe.contexts import PrefixMemo
 from memoe.data.records import EditRequest, RecordError
+from memoe.errors import DataError
+from memoe.tokens import subject_span
 
 
 @dataclass
@@ -48,8 +51,6 @@ class EditResult:
 
     def save_lora(self, path, rank: int | None = None):
         """Save this edit's weight deltas as a PEFT LoRA adapter (see :mod:`memoe.adapters.lora`)."""
-        from memoe.adapters.lora import save_lora
-
         if not self.deltas or self._model is None:
             raise ValueError(f"{self.editor} edit has no weight deltas to export")
         return save_lora(self._model, self.deltas, path, rank=rank)
@@ -70,10 +71,8 @@ class EditResult:
 
 def validate_requests(tok, requests: list[EditRequest]) -> None:
     """Reject an empty list and requests an editor cannot locate, naming the request."""
-    from memoe.tokens import subject_span
-
     if not requests:
-        raise ValueError("no edit requests given: pass a non-empty list of EditRequest")
+        raise DataError("no edit requests given: pass a non-empty list of EditRequest")
     for i, r in enumerate(requests):
         if not isinstance(r, EditRequest):
             raise TypeError(f"request {i} is a {type(r).__name__}, expected memoe.EditRequest")
@@ -91,6 +90,9 @@ class Editor(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[EditorConfig]]
+    #: One line on what the method does, and its paper (the README's method table is generated from these).
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
     #: True when ``apply`` may be called again on an already edited model (sequential modes).
     supports_sequential: ClassVar[bool] = True
 

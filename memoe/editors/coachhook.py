@@ -18,7 +18,8 @@ With ``rounds`` > 1 (the closed-form core's target-and-insert rounds), steps 1-2
 earlier rounds left them; ``later_rounds: gated`` runs those rounds through the scope gate (α lowered as in step 3
 first) instead of the forced hook, so that they correct the edit as it will be used.
 
-The base weights never change; ``restore()`` rewinds the hook memory (or detaches hooks the edit created).
+The base weights never change; ``restore()`` rewinds the hook memory (or detaches hooks the edit created), and a
+saved hook memory attached with :func:`memoe.attach` is edited further (:class:`~memoe.editors.bypass.BypassEditor`).
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ from dataclasses import dataclass, field
 import torch
 
 from memoe import nethook
-from memoe.adapters.bypass import attached
 from memoe.adapters.hooks import CoachHooKAdapter, HookConfig, scope_zscores
-from memoe.config import ConfigError, bounds
+from memoe.batching import model_device, pad_batch
+from memoe.config import bounds
 from memoe.data.records import EditRequest
-from memoe.editors.base import Editor, EditResult
+from memoe.editors.bypass import BypassEditor
 from memoe.editors.closed_form.core import C0Memo, ClosedFormConfig, compute_keys, edit_in_rounds, edit_layers
 from memoe.editors.closed_form.solves import memit_solve
-from memoe.evaluation.scoring import model_device, pad_batch
+from memoe.errors import ConfigError
 from memoe.models.arch import model_parts
 from memoe.tokens import fact_position
 from memoe.training import TrainConfig, TrainerOptions, fit_adapter
@@ -119,27 +120,28 @@ def update_scope(model, tok, adapter: CoachHooKAdapter, requests: list[EditReque
         hook.alpha.copy_(torch.minimum(hook.alpha, z.min()))
 
 
-class CoachHooKEditor(C0Memo, Editor):
+class CoachHooKEditor(C0Memo, BypassEditor):
     name = "coachhook"
+    summary = "hook layers with a fixed-size recursive least-squares memory and a local editing scope; a bypass adapter"
+    paper = "Li et al. 2024"
     Config = CoachHooKConfig
+    Adapter = CoachHooKAdapter
 
-    def adapter(self, model) -> CoachHooKAdapter | None:
-        """The hook memory attached to ``model`` (one made by any editor, or loaded), if any."""
-        return next((a for a in attached(model) if isinstance(a, CoachHooKAdapter)), None)
+    def _layers(self, model) -> list[int]:
+        return edit_layers(self.config, sorted(model_parts(model).check_layer(l) for l in self.config.layers))
 
-    def _apply(self, model, tok, requests: list[EditRequest]) -> EditResult:
+    def new_adapter_config(self, model, tok) -> HookConfig:
+        cfg: CoachHooKConfig = self.config
+        return HookConfig(layers=self._layers(model), alpha_init=cfg.alpha_init, scope_gate=cfg.scope_gate)
+
+    def check_adapter(self, adapter: CoachHooKAdapter, model) -> None:
+        have, want = sorted(int(k) for k in adapter.layers), self._layers(model)
+        if have != want:
+            raise ConfigError(f"the attached hooks are at layers {have}, this editor's config edits {want}")
+
+    def edit(self, model, tok, adapter: CoachHooKAdapter, requests: list[EditRequest]) -> dict:
         cfg: CoachHooKConfig = self.prefixes.apply(model, tok, self.config)
-        parts = model_parts(model)
-        layers = edit_layers(cfg, sorted(parts.check_layer(l) for l in cfg.layers))
-        adapter = self.adapter(model)
-        created = adapter is None
-        if created:
-            hook_cfg = HookConfig(layers=layers, alpha_init=cfg.alpha_init, scope_gate=cfg.scope_gate)
-            adapter = CoachHooKAdapter.create(model, tok, hook_cfg).attach(model)
-        elif sorted(int(k) for k in adapter.layers) != layers:
-            raise ValueError(f"the attached hooks are at layers {sorted(int(k) for k in adapter.layers)}, "
-                             f"this editor's config edits {layers}")
-        before = {k: v.to("cpu", copy=True) for k, v in adapter.state_dict().items()}  # for restore(); off the GPU
+        layers = self._layers(model)
         with adapter.disabled():
             covs = self.layer_covs(model, tok, layers)  # the unedited base's statistics
         info: dict = {"layers": layers}
@@ -165,22 +167,12 @@ class CoachHooKEditor(C0Memo, Editor):
                 self._train(model, tok, adapter, requests, layers, covs, info, cfg)
         update_scope(model, tok, adapter, requests, cfg)
         info["alpha"] = {k: round(float(l.alpha), 4) for k, l in adapter.layers.items()}
-
-        def undo():
-            if created:
-                adapter.detach()
-            else:
-                adapter.load_state_dict(before)
-
-        return EditResult(editor=self.name, requests=list(requests), modules=[adapter], info=info, _undo=[undo])
+        return info
 
     def _train(self, model, tok, adapter, requests, layers, covs, info, cfg: CoachHooKConfig) -> None:
         """The gradient-trained variant: D learns the batch's targets; the C0 penalty keeps other keys' outputs."""
-        adapter.preserve = {str(l): (covs[l].float().to(model_device(model)), adapter.layers[str(l)].delta.detach().clone()) for l in layers}
-        try:
+        with adapter.preserving({l: covs[l] for l in layers}):
             res = fit_adapter(model, tok, adapter, requests, self.prefixes.apply(model, tok, cfg.train), cfg.trainer)
-        finally:
-            adapter.preserve = None
         info.update(steps=res["steps"], worst_nll=res["worst_nll"])
         with torch.no_grad():
             for l in layers:

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memoe.batching import target_nll
 from memoe.config import bounds
 from memoe.data.records import EditRequest
 from memoe.editors.base import EditorConfig, WeightEditor, scratch_weights
-from memoe.evaluation.scoring import target_nll
 from memoe.models.arch import model_parts
 
 
@@ -33,6 +33,8 @@ class FTConfig(EditorConfig):
 
 class FTEditor(WeightEditor):
     name = "ft"
+    summary = "FT-L: Adam on the new targets' NLL over one MLP down-projection, the change clamped to an L∞ ball"
+    paper = "Zhu et al. 2020; as in ROME"
     Config = FTConfig
 
     def compute_deltas(self, model, tok, requests: list[EditRequest]):

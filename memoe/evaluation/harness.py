@@ -15,19 +15,45 @@ from __future__ import annotations
 import os
 import platform
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from memoe.config import bounds
 from memoe.data.records import EditRecord
-from memoe.editors.base import EditResult, Editor
+from memoe.editors.base import Editor, EditResult
+from memoe.errors import ConfigError, DataError
 from memoe.evaluation.metrics import RawScores, compute_metrics, raw_scores, subset
 from memoe.evaluation.scoring import PairScores
 
-MODES = ("single", "batch", "sequential", "sequential-batch")
-RESTORING = {"single": True, "batch": True, "sequential": False, "sequential-batch": False}
+
+@dataclass(frozen=True)
+class Mode:
+    """An editing mode: whether it applies batches of B (else one request per ``apply``) and whether it restores the
+    model after each ``apply`` (else edits accumulate and all N are re-scored at the end, "final")."""
+
+    name: str
+    batched: bool
+    restores: bool
+
+    def batch_size(self, requested: int) -> int:
+        return requested if self.batched else 1
+
+
+#: The four modes by name (the only place that says what a mode means).
+MODES: dict[str, Mode] = {m.name: m for m in (
+    Mode("single", batched=False, restores=True),
+    Mode("batch", batched=True, restores=True),
+    Mode("sequential", batched=False, restores=False),
+    Mode("sequential-batch", batched=True, restores=False),
+)}
+
+
+def get_mode(name: str) -> Mode:
+    if name not in MODES:
+        raise ConfigError(f"unknown mode {name!r}; choose one of {list(MODES)}")
+    return MODES[name]
 
 
 def machine_info(device: torch.device | str) -> dict:
@@ -113,6 +139,8 @@ class RunResult:
     scoring: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     batches: list[dict] = field(default_factory=list)
+    layer: int | None = None
+    """The one layer edited (layer sweeps), else None: the editor's config chose its layers."""
     checkpoints: list[dict] = field(default_factory=list)
     """Non-restoring modes with ``checkpoint_every``: every edit applied so far re-scored after each K edits
     (``{"edits": n, "metrics": ...}``), the forgetting curve."""
@@ -123,20 +151,20 @@ class RunResult:
 
 @dataclass
 class ScoreOptions:
-    batch_size: int = 64
+    """How edits are scored."""
+
+    batch_size: int = field(default=64, metadata=bounds(1))
     """Prompts per scoring forward pass."""
-    fluency_prompts: int = 1
-    """Generation prompts per record used for the fluency metric (0 turns it off)."""
-    max_new_tokens: int = 30
-    """Tokens generated per generation prompt."""
+    fluency_prompts: int = field(default=1, metadata=bounds(0))
+    """Generation prompts per record for the fluency metric (0: off)."""
+    max_new_tokens: int = field(default=30, metadata=bounds(1))
+    """Tokens generated per fluency prompt."""
 
 
 def batches_for(mode: str, n: int, batch_size: int) -> list[range]:
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    b = 1 if mode in ("single", "sequential") else batch_size
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    b = get_mode(mode).batch_size(batch_size)
     return [range(s, min(n, s + b)) for s in range(0, n, b)]
 
 
@@ -158,19 +186,20 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
     """
     score = score or ScoreOptions()
     if not records:
-        raise ValueError("no records to edit")
+        raise DataError("no records to edit")
     if checkpoint_every is not None and checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     chunks = batches_for(mode, len(records), batch_size)
-    if not RESTORING[mode] and not editor.supports_sequential:
-        raise ValueError(f"editor {editor.name!r} does not support the {mode!r} mode")
+    restores = get_mode(mode).restores
+    if not restores and not editor.supports_sequential:
+        raise ConfigError(f"editor {editor.name!r} does not support the {mode!r} mode")
     sc = lambda recs: raw_scores(model, tok, recs, score.batch_size, score.fluency_prompts, score.max_new_tokens)  # noqa: E731
     if pre is None:
         pre = sc(records)
     device = next(model.parameters()).device
     live: list[EditResult] = []
     current_parts: list[RawScores] = []
-    per_batch, restores, edit_seconds, peak, peak_delta = [], 0, 0.0, 0.0, 0.0
+    per_batch, n_restores, edit_seconds, peak, peak_delta = [], 0, 0.0, 0.0, 0.0
     checkpoints, next_checkpoint, final = [], checkpoint_every, None
     bar = tqdm(total=len(records), desc=label or f"{editor.name} {mode}", unit="edit", disable=not progress)
     try:
@@ -185,9 +214,9 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
             current_parts.append(part)
             per_batch.append({"start": chunk.start, "size": len(chunk), "seconds": round(result.seconds, 4),
                               "efficacy": compute_metrics(part)["cf_efficacy"], "info": info_summary(result.info)})
-            if RESTORING[mode]:
+            if restores:
                 live.pop().restore()
-                restores += 1
+                n_restores += 1
             elif next_checkpoint is not None and (chunk.stop >= next_checkpoint or chunk.stop == len(records)):
                 so_far = sc(records[: chunk.stop])
                 checkpoints.append({"edits": chunk.stop, "metrics": compute_metrics(so_far, subset(pre, list(range(chunk.stop))))})
@@ -196,22 +225,22 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
             bar.update(len(chunk))
         bar.close()
         current = merge(current_parts)
-        if RESTORING[mode]:
+        if restores:
             final = None
         elif not checkpoints or checkpoints[-1]["edits"] != len(records):
             final = sc(records)
     finally:
         for result in reversed(live):  # back to the unedited model, whatever happened
             result.restore()
-            restores += 1
+            n_restores += 1
     scored = current.prompts_scored + (final.prompts_scored if final else 0)
     scoring_seconds = current.seconds + (final.seconds if final else 0)
     return RunResult(
-        editor=editor.name, mode=mode, batch_size=1 if mode in ("single", "sequential") else batch_size,
+        editor=editor.name, mode=mode, batch_size=get_mode(mode).batch_size(batch_size),
         num_edits=len(records), pre=compute_metrics(pre, pre), current=compute_metrics(current, pre),
         final=compute_metrics(final, pre) if final else None, edit_seconds=round(edit_seconds, 4),
         edits_per_second=round(len(records) / edit_seconds, 3) if edit_seconds > 0 else float("inf"),
-        peak_memory_mb=round(peak, 1), peak_memory_delta_mb=round(peak_delta, 1), restores=restores,
+        peak_memory_mb=round(peak, 1), peak_memory_delta_mb=round(peak_delta, 1), restores=n_restores,
         scoring={"prompts": scored, "seconds": round(scoring_seconds, 3),
                  "prompts_per_second": round(scored / scoring_seconds, 1) if scoring_seconds else None},
         config=asdict(editor.config), batches=per_batch, checkpoints=checkpoints,
@@ -224,4 +253,4 @@ def pre_scores(model, tok, records: list[EditRecord], score: ScoreOptions | None
     return raw_scores(model, tok, records, score.batch_size, score.fluency_prompts, score.max_new_tokens)
 
 
-__all__ = ["MODES", "PeakMemory", "RunResult", "ScoreOptions", "batches_for", "pre_scores", "run_mode", "subset"]
+__all__ = ["MODES", "Mode", "PeakMemory", "get_mode", "RunResult", "ScoreOptions", "batches_for", "pre_scores", "run_mode", "subset"]

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from memoe.batching import encode_pairs
 from memoe.data.records import EditRecord, EditRequest
-from memoe.evaluation.scoring import encode_pairs, score_pairs
+from memoe.errors import ConfigError
+from memoe.evaluation.scoring import score_pairs
 
 RULES = ("prefers_true", "greedy")
 
@@ -22,7 +24,7 @@ RULES = ("prefers_true", "greedy")
 def known(model, tok, requests: Sequence[EditRequest], rule: str = "prefers_true", batch_size: int = 64) -> list[bool]:
     """For each request, whether the model knows its true target under ``rule``."""
     if rule not in RULES:
-        raise ValueError(f"unknown known-fact rule {rule!r}; choose one of {list(RULES)}")
+        raise ConfigError(f"unknown known-fact rule {rule!r}; choose one of {list(RULES)}")
     idx = [i for i, r in enumerate(requests) if r.target_true]
     out = [False] * len(requests)
     if not idx:

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memoe.batching import model_device
 from memoe.data.records import EditRecord
-from memoe.evaluation.scoring import PairScores, model_device, score_pairs
+from memoe.evaluation.scoring import PairScores, score_pairs
 
 METRIC_NAMES = (
     "cf_efficacy", "cf_paraphrase", "cf_neighbourhood", "cf_score",

@@ -1,12 +1,28 @@
 """PNG figures in the style of the Llama-3 batch-size study: metrics against batch size, edit layer or number
-of edits, one line per editor and mode."""
+of edits, one line per editor and mode (a colour per editor; dashed where edits accumulate)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from memoe.evaluation.harness import get_mode
+from memoe.evaluation.tables import headline, run_label
+from memoe.io import atomic_path
 
 PANELS = (("cf_efficacy", "Efficacy Score"), ("cf_paraphrase", "Paraphrase Score"), ("cf_neighbourhood", "Neighbourhood Score"))
 ZSRE_PANELS = (("reliability", "Reliability"), ("generality", "Generality"), ("locality", "Locality"))
+
+
+@dataclass
+class Line:
+    """One plotted line: its legend label, the editor (its colour), whether its mode keeps edits (dashed), and the
+    points (x, metrics)."""
+
+    label: str
+    editor: str
+    accumulates: bool
+    points: list[tuple[float, dict]] = field(default_factory=list)
 
 
 def _plt():
@@ -19,35 +35,31 @@ def _plt():
 
 
 def _save(fig, path: Path) -> str:
-    from memoe.io import atomic_path
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return str(path)
 
 
-def panels_for(points: dict[str, list[tuple[float, dict]]]) -> tuple:
+def panels_for(lines: list[Line]) -> tuple:
     """CounterFact's three scores where the runs have them, else EasyEdit's (zsRE)."""
-    has = lambda key: any(m.get(key) is not None for pts in points.values() for _, m in pts)  # noqa: E731
+    has = lambda key: any(m.get(key) is not None for line in lines for _, m in line.points)
     return PANELS if has("cf_paraphrase") or has("cf_neighbourhood") else ZSRE_PANELS
 
 
-def plot_lines(points: dict[str, list[tuple[float, dict]]], path: Path, xlabel: str, log_x: bool = False,
-               title: str | None = None) -> str:
-    """One panel per metric; ``points``: line label -> [(x, metrics)]. Returns the PNG path."""
+def plot_lines(lines: list[Line], path: Path, xlabel: str, log_x: bool = False, title: str | None = None) -> str:
+    """One panel per metric, one line per :class:`Line`. Returns the PNG path."""
     plt = _plt()
-    panels = panels_for(points)
-    # one colour per editor (a label's first word), solid lines for restoring modes, dashed for sequential ones
-    editors = list(dict.fromkeys(label.split()[0] for label in points))
+    panels = panels_for(lines)
+    editors = list(dict.fromkeys(line.editor for line in lines))
     colours = {e: plt.get_cmap("tab10")(i % 10) for i, e in enumerate(editors)}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.9, 3.6))
-    xs_all = sorted({x for pts in points.values() for x, _ in pts})
+    xs_all = sorted({x for line in lines for x, _ in line.points})
     for ax, (key, name) in zip(axes, panels):
-        for label, pts in points.items():
-            xy = sorted((x, m[key]) for x, m in pts if m.get(key) is not None)
+        for line in lines:
+            xy = sorted((x, m[key]) for x, m in line.points if m.get(key) is not None)
             if xy:
-                ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=label, color=colours[label.split()[0]],
-                        linestyle="--" if "sequential" in label else "-")
+                ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=line.label, color=colours[line.editor],
+                        linestyle="--" if line.accumulates else "-")
         if log_x:
             ax.set_xscale("log", base=2)
         ax.set_xticks(xs_all, [str(int(x)) if float(x).is_integer() else str(x) for x in xs_all])  # the measured points
@@ -64,19 +76,41 @@ def plot_lines(points: dict[str, list[tuple[float, dict]]], path: Path, xlabel: 
     return out
 
 
-def plot_runs(runs: list[dict], output: str | Path, view: str = "final") -> list[str]:
-    """Metrics against batch size (when runs differ in batch size) and efficacy against edits applied.
+def _line(lines: dict, label: str, run: dict) -> Line:
+    return lines.setdefault(label, Line(label, run["editor"], not get_mode(run["mode"]).restores))
 
-    ``view``: ``final`` (all edits re-scored at the end; ``current`` where a mode restores) or ``current``.
-    Returns the PNG paths written beside ``output`` (``<stem>-batch-size.png``, ``<stem>-edits.png``).
-    """
-    plt = _plt()
-    out, written = Path(output), []
-    series: dict[str, list[tuple[int, dict]]] = {}
+
+def plot_experiment(result: dict, output: str | Path) -> list[str]:
+    """An experiment's figures beside ``output``, each where the experiment varies its x: ``-batch-size.png`` (headline
+    metrics against batch size, one line per editor and mode), ``-layers.png`` (against the edit layer), ``-edits.png``
+    (all edits so far re-scored at each checkpoint; without checkpoints, the efficacy of each batch just applied)."""
+    out, runs, written = Path(output), list(result["runs"].values()), []
+    title = f"{result['name']}, {result['dataset']['name']}"
+    by_size: dict[str, Line] = {}
+    by_layer: dict[str, Line] = {}
+    by_edits: dict[str, Line] = {}
     for r in runs:
-        series.setdefault(f"{r['editor']} {r['mode']}", []).append((r["batch_size"], r.get(view) or r["current"]))
-    if any(len({b for b, _ in pts}) > 1 for pts in series.values()):
-        written.append(plot_lines(series, out.with_name(out.stem + "-batch-size.png"), "batch size", log_x=True))
+        where = "" if r.get("layer") is None else f" layer {r['layer']}"
+        _line(by_size, f"{r['editor']} {r['mode']}{where}", r).points.append((r["batch_size"], headline(r)))
+        if r.get("layer") is not None:
+            _line(by_layer, f"{r['editor']} {r['mode']} b={r['batch_size']}", r).points.append((r["layer"], headline(r)))
+    if any(len(line.points) > 1 for line in by_size.values()):
+        written.append(plot_lines(list(by_size.values()), out.with_name(out.stem + "-batch-size.png"), "batch size", log_x=True, title=title))
+    if any(len(line.points) > 1 for line in by_layer.values()):
+        written.append(plot_lines(list(by_layer.values()), out.with_name(out.stem + "-layers.png"), "edit layer", title=title))
+    if any(r.get("checkpoints") for r in runs):
+        for r in runs:
+            if r.get("checkpoints"):
+                _line(by_edits, run_label(r), r).points += [(c["edits"], c["metrics"]) for c in r["checkpoints"]]
+        written.append(plot_lines(list(by_edits.values()), out.with_name(out.stem + "-edits.png"), "edits applied", title=title))
+    else:
+        written.append(_plot_batches(runs, out.with_name(out.stem + "-edits.png")))
+    return written
+
+
+def _plot_batches(runs: list[dict], path: Path) -> str:
+    """Efficacy of each batch right after it was applied, against the number of edits applied so far."""
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for r in runs:
         xs, ys, done = [], [], 0
@@ -84,39 +118,12 @@ def plot_runs(runs: list[dict], output: str | Path, view: str = "final") -> list
             done += b["size"]
             xs.append(done)
             ys.append(b["efficacy"])
-        ax.plot(xs, ys, marker=".", label=f"{r['editor']} {r['mode']} b={r['batch_size']}")
+        ax.plot(xs, ys, marker=".", label=run_label(r))
     ax.set_xlabel("edits applied")
     ax.set_ylabel("Efficacy Score of the batch just applied")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    written.append(_save(fig, out.with_name(out.stem + "-edits.png")))
+    out = _save(fig, path)
     plt.close(fig)
-    return written
-
-
-def plot_study(result: dict, output: str | Path) -> list[str]:
-    """The study's figures beside ``output``: ``-batch-size.png`` (metrics after all edits against batch
-    size, one line per editor and mode), ``-layers.png`` (against the edit layer) and ``-edits.png`` (all
-    edits so far re-scored at each checkpoint, against the number of edits), each where the study varies it."""
-    from memoe.evaluation.study import headline
-
-    out, runs, written = Path(output), list(result["runs"].values()), []
-    name = f"{result['study']}, {result['dataset']['name']}"
-    by_size: dict[str, list] = {}
-    by_layer: dict[str, list] = {}
-    by_edits: dict[str, list] = {}
-    for r in runs:
-        where = "" if r.get("layer") is None else f" layer {r['layer']}"
-        by_size.setdefault(f"{r['editor']} {r['mode']}{where}", []).append((r["batch_size"], headline(r)))
-        if r.get("layer") is not None:
-            by_layer.setdefault(f"{r['editor']} {r['mode']} b={r['batch_size']}", []).append((r["layer"], headline(r)))
-        if r.get("checkpoints"):
-            by_edits[f"{r['editor']} {r['mode']} b={r['batch_size']}{where}"] = [(c["edits"], c["metrics"]) for c in r["checkpoints"]]
-    if any(len(pts) > 1 for pts in by_size.values()):
-        written.append(plot_lines(by_size, out.with_name(out.stem + "-batch-size.png"), "batch size", log_x=True, title=name))
-    if any(len(pts) > 1 for pts in by_layer.values()):
-        written.append(plot_lines(by_layer, out.with_name(out.stem + "-layers.png"), "edit layer", title=name))
-    if by_edits:
-        written.append(plot_lines(by_edits, out.with_name(out.stem + "-edits.png"), "edits applied", title=name))
-    return written
+    return out

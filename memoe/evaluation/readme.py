@@ -1,23 +1,28 @@
-"""Write measured results into README.md from result files, so no figure in it is typed by hand.
+"""Write measured results into docs/results.md and the README's method table from result files, so no figure in
+them is typed by hand.
 
     python -m memoe.evaluation.readme --testbeds .cache/memoe/testbeds/*/report.json --evals runs/*.json
     python -m memoe.evaluation.readme --studies runs/studies/batch-size-counterfact.json
+    python -m memoe.evaluation.readme --methods runs/studies/main-counterfact.json     # the README's method table
 
-Replaces the text between ``<!-- results:testbeds -->`` / ``<!-- results:evals -->`` / ``<!-- results:studies -->``
-and the matching ``<!-- /results:... -->`` markers; a study's PNGs are copied to ``docs/studies/`` and linked.
+Replaces the text between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` (testbeds, adapters, studies,
+evals in ``--results``; methods in ``--readme``); a study's PNGs are copied to ``docs/studies/`` and linked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shutil
 from pathlib import Path
 
+from memoe.editors import REGISTRY
 from memoe.evaluation.harness import describe_machine
 from memoe.evaluation.metrics import MetricsTable
+from memoe.evaluation.tables import headline, metrics_table, run_label, summary_table
 from memoe.io import write_text
 
 EVAL_COLUMNS = ("cf_efficacy", "cf_paraphrase", "cf_neighbourhood", "cf_score", "reliability", "generality",
@@ -31,7 +36,7 @@ def testbeds_section(reports: list[dict]) -> str:
     rows = []
     for r in sorted(reports, key=lambda r: r["name"]):
         rec = r["recall"]
-        get = lambda k: f"{rec[k]['recall']:.3f}" if k in rec else "–"  # noqa: E731
+        get = lambda k, rec=rec: f"{rec[k]['recall']:.3f}" if k in rec else "–"
         mlp = r["trace"]["effects"]["mlp"]
 
         def peak(vals):
@@ -45,29 +50,18 @@ def testbeds_section(reports: list[dict]) -> str:
 
 
 def _cores() -> int:
-    import os
-
     return os.cpu_count() or 0
 
 
 def evals_section(results: list[tuple[str, dict]]) -> str:
     parts = []
     for path, res in results:
-        t = MetricsTable()
-        t.add("pre-edit", res["pre"])
-        for r in res["runs"]:
-            t.add(f"{r['editor']} {r['mode']} b={r['batch_size']} (current)", r["current"])
-            if r["final"]:
-                t.add(f"{r['editor']} {r['mode']} b={r['batch_size']} (final)", r["final"])
-        cols = tuple(c for c in EVAL_COLUMNS if any(m.get(c) is not None for _, m in t.rows))
-        speed = "; ".join(f"{r['editor']} {r['mode']} b={r['batch_size']}: {r['edits_per_second']} edits/s, "
-                          f"peak {r['peak_memory_mb']:.0f} MiB" for r in res["runs"])
-        o = res["options"]
-        # files written before the machine was recorded: the device option, else this project's CPU machine
-        where = describe_machine(res["machine"]) if "machine" in res else (o.get("device") or "cpu")
+        speed = "; ".join(f"{run_label(r)}: {r['edits_per_second']} edits/s, peak {r['peak_memory_mb']:.0f} MiB"
+                          for r in res["runs"].values())
+        g = res["options"]["grid"]
         parts.append(f"**{res['dataset']['name']}, {res['dataset']['num_edits']} edits** (`{path}`; "
-                     f"modes {', '.join(o['modes'])}, batch sizes {o['batch_sizes']}; {where}):\n\n{t.markdown(cols)}\n\n{speed}. "
-                     f"Scoring: {res['pre_scoring']['prompts_per_second']} prompts/s.")
+                     f"modes {', '.join(g['modes'])}, batch sizes {g['batch_sizes']}; {describe_machine(res['machine'])}):"
+                     f"\n\n{metrics_table(res, EVAL_COLUMNS)}\n\n{speed}. Scoring: {res['pre_scoring']['prompts_per_second']} prompts/s.")
     return "\n\n".join(parts)
 
 
@@ -89,53 +83,74 @@ def adapters_section(results: list[tuple[str, dict]]) -> str:
 
 def studies_section(results: list[tuple[str, dict]], figures: Path, readme_dir: Path) -> str:
     """Each study: what it asks, how it was run, its table (runs, winners, skips) and its plots."""
-    from memoe.evaluation.study import study_markdown
-
     parts = []
     for path, res in results:
-        d, where = res["definition"], describe_machine(res["machine"])
+        g, where = res["definition"]["grid"], describe_machine(res["machine"])
         took = sum(r.get("wall_seconds", 0) for r in res["runs"].values())
         imgs = []
         for png in sorted(Path(path).parent.glob(Path(path).stem + "-*.png")):
             figures.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(png, figures / png.name)
             imgs.append(f"![{png.stem}]({(figures / png.name).relative_to(readme_dir).as_posix()})")
-        parts.append(f"**Study `{res['study']}`** ({res['description']}) on {res['dataset']['name']}, "
-                     f"{res['dataset']['num_edits']} edits per run, editors {', '.join(d['editors'])}, modes "
-                     f"{', '.join(d['modes'])}; `{path}`, {len(res['runs'])} runs in {took / 60:.1f} min of run time "
-                     f"({where}):\n\n{study_markdown(res)}\n\n" + "\n".join(imgs))
+        parts.append(f"**Study `{res['name']}`** ({res['description']}) on {res['dataset']['name']}, "
+                     f"{res['dataset']['num_edits']} edits per run, editors {', '.join(g['editors'])}, modes "
+                     f"{', '.join(g['modes'])}; `{path}`, {len(res['runs'])} runs in {took / 60:.1f} min of run time "
+                     f"({where}):\n\n{summary_table(res)}\n\n" + "\n".join(imgs))
     return "\n\n".join(parts)
+
+
+def methods_section(result: dict) -> str:
+    """One row per registered method: what it does, its paper, and its headline figure from a study over every editor
+    (CounterFact Score after a batch, and after all batches of the sequential-batch run)."""
+    runs = list(result["runs"].values())
+    sizes = sorted({r["batch_size"] for r in runs})
+    head = (f"| method | what it does | paper | CF Score, batch of {sizes[-1]} | CF Score, sequential batches of {sizes[-1]} "
+            f"(final) |\n|---|---|---|---|---|")
+    rows = []
+    for name, cls in REGISTRY.items():
+        got = {r["mode"]: headline(r).get("cf_score") for r in runs if r["editor"] == name and r["batch_size"] == sizes[-1]}
+        cell = lambda mode, got=got: "–" if got.get(mode) is None else f"{got[mode]:.3f}"
+        rows.append(f"| `{name}` | {cls.summary} | {cls.paper} | {cell('batch')} | {cell('sequential-batch')} |")
+    d = result["dataset"]
+    return (head + "\n" + "\n".join(rows) + f"\n\nFigures: study `{result['name']}` on the {d['name']} testbed, "
+            f"{d['num_edits']} edits (pre-edit CF Score {result['pre'].get('cf_score', 0):.3f}; "
+            f"{describe_machine(result['machine'])}); the real model's tables are in docs/results/.")
 
 
 def replace_section(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pattern.search(text):
-        raise ValueError(f"README has no <!-- results:{name} --> ... <!-- /results:{name} --> markers")
+        raise ValueError(f"no <!-- results:{name} --> ... <!-- /results:{name} --> markers in the file")
     return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
 
 
-def main(readme: str, testbeds: list[str], evals: list[str], adapters: list[str] | None = None,
-         studies: list[str] | None = None) -> None:
-    text = Path(readme).read_text()
-    if studies:
-        root = Path(readme).resolve().parent
-        text = replace_section(text, "studies", studies_section([(p, json.loads(Path(p).read_text())) for p in studies],
-                                                               root / "docs" / "studies", root))
-    if testbeds:
-        text = replace_section(text, "testbeds", testbeds_section([json.loads(Path(p).read_text()) for p in testbeds]))
-    if evals:
-        text = replace_section(text, "evals", evals_section([(p, json.loads(Path(p).read_text())) for p in evals]))
-    if adapters:
-        text = replace_section(text, "adapters", adapters_section([(p, json.loads(Path(p).read_text())) for p in adapters]))
-    write_text(readme, text)
+def main(results_file: str, readme: str, testbeds: list[str], evals: list[str], adapters: list[str] | None = None,
+         studies: list[str] | None = None, methods: str | None = None) -> None:
+    load = lambda paths: [(p, json.loads(Path(p).read_text())) for p in paths]
+    if testbeds or evals or adapters or studies:
+        text = Path(results_file).read_text()
+        if studies:
+            root = Path(results_file).resolve().parent
+            text = replace_section(text, "studies", studies_section(load(studies), root / "studies", root))
+        if testbeds:
+            text = replace_section(text, "testbeds", testbeds_section([r for _, r in load(testbeds)]))
+        if evals:
+            text = replace_section(text, "evals", evals_section(load(evals)))
+        if adapters:
+            text = replace_section(text, "adapters", adapters_section(load(adapters)))
+        write_text(results_file, text)
+    if methods:
+        write_text(readme, replace_section(Path(readme).read_text(), "methods", methods_section(json.loads(Path(methods).read_text()))))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--readme", default="README.md", help="file to update (default: README.md)")
+    ap.add_argument("--results", default="docs/results.md", help="the results page to update (default: docs/results.md)")
+    ap.add_argument("--readme", default="README.md", help="the README whose method table --methods updates (default: README.md)")
     ap.add_argument("--testbeds", nargs="*", default=[], help="testbed report.json files")
     ap.add_argument("--evals", nargs="*", default=[], help="evaluate.py result JSON files")
     ap.add_argument("--adapters", nargs="*", default=[], help="train.py metrics.json files")
     ap.add_argument("--studies", nargs="*", default=[], help="evaluate.py --study result JSON files (PNGs beside them)")
+    ap.add_argument("--methods", help="a study result over every editor: the README's method table")
     a = ap.parse_args()
-    main(a.readme, a.testbeds, a.evals, a.adapters, a.studies)
+    main(a.results, a.readme, a.testbeds, a.evals, a.adapters, a.studies, a.methods)

@@ -15,7 +15,8 @@ from memoe.models.loading import PRESETS, ModelLoadError, Preset, load_model, mo
 from memoe.models.mini import SHAPES, llama3_8b_config, llama3_mini_config, random_model
 
 __all__ = [
-    "ARCHITECTURES", "PRESETS", "SHAPES", "ModelLoadError", "Preset", "model_key", "ArchSpec", "ModelParts", "UnknownArchitectureError", "default_device", "llama3_8b_config",
+    "ARCHITECTURES", "PRESETS", "SHAPES", "ModelLoadError", "Preset", "model_key", "ArchSpec", "ModelParts", "UnknownArchitectureError",
+    "default_device", "llama3_8b_config",
     "llama3_mini_config", "random_model",
     "load_model", "model_fingerprint", "model_parts", "prepare_tokenizer", "register_architecture", "resolve_dtype",
 ]

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from memoe.errors import ConfigError, LayerError, UnknownNameError
+from memoe.io import stable_hash
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -58,9 +61,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
-class UnknownArchitectureError(KeyError):
-    def __str__(self) -> str:  # KeyError would print the repr
-        return self.args[0]
+UnknownArchitectureError = UnknownNameError
 
 
 def arch_spec(model: nn.Module) -> ArchSpec:
@@ -96,7 +97,7 @@ class ModelParts:
 
     def check_layer(self, layer: int) -> int:
         if not -self.num_layers <= layer < self.num_layers:
-            raise IndexError(f"layer {layer} out of range: the model has {self.num_layers} layers (0..{self.num_layers - 1})")
+            raise LayerError(f"layer {layer} out of range: the model has {self.num_layers} layers (0..{self.num_layers - 1})")
         return layer % self.num_layers
 
     def name(self, kind: str, layer: int | None = None) -> str:
@@ -128,7 +129,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -138,13 +139,11 @@ def default_device() -> str:
 
 def model_fingerprint(model: nn.Module) -> str:
     """A short hash of the architecture config and a sample of the weights: keys caches and adapters."""
-    from memoe.io import stable_hash
-
     cfg = model.config.to_dict()
     cfg = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")}
     h = 0.0
     with torch.no_grad():
-        for i, (name, p) in enumerate(sorted(model.named_parameters())):
+        for i, (_name, p) in enumerate(sorted(model.named_parameters())):
             flat = p.detach().reshape(-1)
             h += float(flat[:: max(1, flat.numel() // 64)].double().sum()) * (i + 1)
     return stable_hash({"config": cfg, "weights": f"{h:.10e}"})

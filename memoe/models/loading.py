@@ -26,14 +26,11 @@ from pathlib import Path
 
 import torch
 
+from memoe.errors import ModelLoadError
 from memoe.io import default_cache_dir, file_sha256, write_json
 from memoe.models.arch import arch_spec, default_device, resolve_dtype
 
 CACHE_FORMAT = "1"
-
-
-class ModelLoadError(FileNotFoundError):
-    """A model source that cannot be loaded (missing file or package, ambiguous folder); the message says why."""
 
 
 @dataclass(frozen=True)

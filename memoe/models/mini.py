@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig
 
+from memoe.errors import UnknownNameError
+
 #: Meta-Llama-3-8B's config.json, the fields that shape the code path (sizes aside).
 LLAMA3_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -21,7 +23,8 @@ def llama3_mini_config(vocab_size: int = 512, hidden_size: int = 64, layers: int
     """A randomly initialisable Llama-3: grouped-query attention (4:1), llama3 RoPE scaling, untied head."""
     return LlamaConfig(
         **{**LLAMA3_8B, "hidden_size": hidden_size, "intermediate_size": int(hidden_size * 3.5),
-           "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": vocab_size, "max_position_embeddings": 131072,
+           "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": vocab_size,
+           "max_position_embeddings": 131072,
            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
         rope_parameters=dict(LLAMA3_ROPE),
     )
@@ -46,7 +49,7 @@ def random_model(shape: str, dtype: torch.dtype = torch.bfloat16, device: str | 
     from transformers import LlamaForCausalLM
 
     if shape not in SHAPES:
-        raise KeyError(f"unknown model shape {shape!r}; known: {sorted(SHAPES)}")
+        raise UnknownNameError(f"unknown model shape {shape!r}; known: {sorted(SHAPES)}")
     config = SHAPES[shape]()
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -28,9 +28,11 @@ from tqdm.auto import tqdm
 
 from memoe.config import ConfigError, bounds, check_bounds
 from memoe.data import EditDataset, World, WorldConfig, build_world, load_edit_dataset
+from memoe.errors import CacheError
 from memoe.evaluation.scoring import score_pairs
-from memoe.io import default_cache_dir, file_sha256, stable_hash, write_json
+from memoe.io import default_cache_dir, file_sha256, stable_hash, write_json, write_text
 from memoe.testbed.corpus import FactCorpus, RecordCorpus, WorldCorpus
+from memoe.trace import TraceResult, causal_trace, plot_trace
 
 TESTBED_FORMAT = 1
 
@@ -212,8 +214,6 @@ def pretrain(model, tok, corpus: FactCorpus, config: TestbedConfig, progress: bo
 
 def report_card(model, tok, corpus: FactCorpus, config: TestbedConfig, progress: bool = True) -> dict:
     """Recall (greedy, all target tokens) of every probe set, and the causal trace."""
-    from memoe.trace import causal_trace
-
     recall = {}
     for name, probes in corpus.probes().items():
         s = score_pairs(model, tok, [p.prompt for p in probes], [p.target for p in probes])
@@ -258,13 +258,13 @@ def _load_cached(path: Path, key: str):
 
     meta = json.loads((path / "testbed.json").read_text())
     if meta.get("key") != key or meta.get("format") != TESTBED_FORMAT:
-        raise ValueError(f"cache key mismatch ({meta.get('key')} != {key})")
+        raise CacheError(f"cache key mismatch ({meta.get('key')} != {key})")
     files = meta.get("files")
     if not isinstance(files, dict) or not files:
-        raise ValueError("written without content hashes (an older memoe)")
+        raise CacheError("written without content hashes (an older memoe)")
     for name, digest in files.items():  # a file that still parses but was changed (fewer layers, flipped bytes, a cut corpus)
         if not (path / name).is_file() or file_sha256(path / name) != digest:
-            raise ValueError(f"{name} does not match the content hash stored in testbed.json")
+            raise CacheError(f"{name} does not match the content hash stored in testbed.json")
     model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     report = json.loads((path / "report.json").read_text())
@@ -287,7 +287,7 @@ def build_testbed(config: TestbedConfig | None = None, cache_dir: str | os.PathL
             model, tok, report = _load_cached(path, key)
             model.requires_grad_(False)
             return Testbed(model, tok, dataset, config, path, report, world)
-        except Exception as e:  # corrupt or foreign cache: rebuild it
+        except (CacheError, OSError, json.JSONDecodeError) as e:  # corrupt, missing or foreign files: rebuild
             warnings.warn(f"testbed cache {path} is unusable ({type(e).__name__}: {e}); rebuilding", stacklevel=2)
     threads_before = torch.get_num_threads()
     if config.threads:
@@ -317,9 +317,6 @@ def _save(path: Path, model, tok, report: dict, key: str, corpus: FactCorpus, co
     """Write the whole cache entry into a temporary folder, then rename it into place. ``testbed.json`` holds the
     SHA-256 of every other file, checked on every load. ``corpus.txt`` is one epoch of the pretraining text: the
     closed-form editors' C0 statistics corpus."""
-    from memoe.io import write_text
-    from memoe.trace import TraceResult, plot_trace
-
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)

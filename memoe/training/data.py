@@ -20,9 +20,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from memoe.data.records import EditRequest
-from memoe.evaluation.scoring import encode_pairs, pad_batch, target_index
+from memoe.batching import encode_pairs, pad_batch, target_index
 from memoe.contexts import prefixed
+from memoe.data.records import EditRequest
+from memoe.errors import DataError
 from memoe.tokens import subject_span
 
 
@@ -107,7 +108,7 @@ class EditDataModule(L.LightningDataModule):
                  batch_size: int = 64, seed: int = 0, kl_other_relations: int = 0):
         super().__init__()
         if not requests:
-            raise ValueError("no edit requests to train on")
+            raise DataError("no edit requests to train on")
         self.tok, self.batch_size = tok, batch_size
         self.rows = build_rows(tok, requests, prefixes, kl_templates, seed, kl_other_relations)
         self.num_requests = len(requests)

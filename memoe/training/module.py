@@ -16,6 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from memoe.batching import row_mean, token_nll
 from memoe.config import bounds
 from memoe.contexts import ContextOptions
 
@@ -69,8 +70,7 @@ class AdapterTrainingModule(L.LightningModule):
     def _seed_noise(self) -> None:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.global_step)
         for layer in self.adapter.layers.values():
-            if hasattr(layer, "noise_generator"):
-                layer.noise_generator = g
+            layer.seed_noise(g)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._seed_noise()
@@ -79,12 +79,9 @@ class AdapterTrainingModule(L.LightningModule):
             hidden = base.base_model(input_ids=batch["ids"], attention_mask=batch["mask"]).last_hidden_state
         loss = hidden.sum() * 0.0
         if len(batch["edit_rows"]):
-            logits = head(hidden[batch["edit_rows"], batch["edit_cols"]]).float()
-            tok_nll = F.cross_entropy(logits, batch["edit_labels"], reduction="none")
+            tok_nll = token_nll(head, hidden, batch["edit_rows"], batch["edit_cols"], batch["edit_labels"])
             n_rows = len(batch["edit_requests"])
-            owner = batch["edit_owner"]
-            counts = torch.bincount(owner, minlength=n_rows).float()
-            row_nll = torch.zeros(n_rows, device=hidden.device).index_add(0, owner, tok_nll) / counts  # (edit rows,)
+            row_nll = row_mean(tok_nll, batch["edit_owner"], n_rows)  # (edit rows,)
             nll = row_nll.mean()
             loss = loss + nll
             self.log("train/nll", nll, prog_bar=True, batch_size=n_rows)

@@ -15,8 +15,8 @@ import contextlib
 import json
 import logging
 import os
-import warnings
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from memoe.config import bounds
 from memoe.contexts import PrefixMemo
+from memoe.errors import CacheError, MissingFileError
 from memoe.io import load_tensors, save_tensors, write_json
 from memoe.training.data import EditDataModule
 from memoe.training.module import AdapterTrainingModule, TrainConfig
@@ -55,8 +56,8 @@ class TrainerOptions:
     """Steps between checkpoints (0: only the last one, at the end)."""
     resume: str | None = None
     """Checkpoint to continue from (path to a ``.json`` checkpoint written here, or ``last``)."""
-    progress: bool = False
-    """Show Lightning's progress bar."""
+    progress: bool = field(default=False, metadata={"cli": False})
+    """Show Lightning's progress bar (``train.py`` sets it from its own ``--no-progress``)."""
 
 
 class SafetensorsCheckpointIO(CheckpointIO):
@@ -107,11 +108,11 @@ class SafetensorsCheckpointIO(CheckpointIO):
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         j, s = self._paths(path)
         if not j.exists() or not s.exists():
-            raise FileNotFoundError(f"checkpoint not found: {j} and {s} must both exist")
+            raise MissingFileError(f"checkpoint not found: {j} and {s} must both exist")
         try:
             tree = json.loads(j.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"corrupt checkpoint {j}: {e}") from None
+            raise CacheError(f"corrupt checkpoint {j}: {e}") from None
         return self._join(tree, load_tensors(s))
 
     def remove_checkpoint(self, path) -> None:
@@ -189,7 +190,8 @@ def _quiet(on: bool):
 
 
 def fit_adapter(model, tok, adapter, requests, cfg: TrainConfig, opts: TrainerOptions | None = None) -> dict:
-    """Train the (attached) ``adapter`` on ``requests``; returns steps, seconds, worst NLL and the trainer."""
+    """Train the (attached) ``adapter`` on ``requests``; returns steps, seconds, worst NLL, the devices and strategy,
+    whether this process is the global rank zero (DDP), and the trainer."""
     opts = opts or TrainerOptions()
     if adapter.attached_to is not model:
         raise ValueError("attach the adapter to the model before training it")
@@ -202,7 +204,7 @@ def fit_adapter(model, tok, adapter, requests, cfg: TrainConfig, opts: TrainerOp
     if resume == "last" and opts.checkpoint_dir:
         resume = str(Path(opts.checkpoint_dir) / "last.json")
     if resume is not None and not Path(resume).is_file():
-        raise FileNotFoundError(f"--resume {opts.resume}: no checkpoint at {resume}"
+        raise MissingFileError(f"--resume {opts.resume}: no checkpoint at {resume}"
                                 + ("" if opts.checkpoint_dir or opts.resume != "last" else " (give --checkpoint-dir)"))
     t0 = time.perf_counter()
     with _quiet(not opts.progress):
@@ -210,4 +212,5 @@ def fit_adapter(model, tok, adapter, requests, cfg: TrainConfig, opts: TrainerOp
         trainer.fit(module, datamodule=dm, ckpt_path=resume)
     adapter.to(next(model.parameters()).device).eval()  # Lightning's teardown moves the module to the CPU
     return {"steps": trainer.global_step, "seconds": time.perf_counter() - t0, "worst_nll": module.worst_nll(),
-            "rows": len(dm.rows), "trainer": trainer}
+            "rows": len(dm.rows), "devices": trainer.num_devices, "strategy": type(trainer.strategy).__name__,
+            "global_zero": trainer.is_global_zero, "trainer": trainer}

@@ -2,9 +2,10 @@ import copy
 
 import torch
 
-from memoe.adapters import CoachHooKAdapter, HookConfig, attach, detach
+from memoe.adapters import CoachHooKAdapter, HookConfig, detach
 from memoe.adapters.bypass import RoutingContext
 from memoe.adapters.hooks import HookLayer, scope_zscores
+from memoe.editors import attach
 
 
 def test_scope_gate_picks_exactly_the_positions_past_alpha_without_padding():

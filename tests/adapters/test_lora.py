@@ -21,13 +21,11 @@ def test_factorize_is_exact_at_the_delta_rank():
 def test_lora_export_keeps_a_full_rank_edit(tiny_testbed, tmp_path):
     """FT changes the whole down-projection: the export must not cut it at rank = number of edits (it did, and the
     new targets' probabilities fell from ~0.7 to ~0.004 after the round trip)."""
-    from memoe.pipeline import CONFIG_DIR
-
     tb = tiny_testbed
     reqs = [r.request for r in tb.dataset.records[:4]]
     base = copy.deepcopy(tb.model)
     ids = torch.tensor([tb.tokenizer(reqs[0].text)["input_ids"]])
-    result = make_editor("ft", str(CONFIG_DIR / "editors" / "ft.yaml")).apply(tb.model, tb.tokenizer, reqs)
+    result = make_editor("ft").apply(tb.model, tb.tokenizer, reqs)
     try:
         edited = tb.model(ids).logits
         out = result.save_lora(tmp_path / "ft-adapter")
@@ -39,7 +37,7 @@ def test_lora_export_keeps_a_full_rank_edit(tiny_testbed, tmp_path):
     assert torch.allclose(load_lora(base, out)(input_ids=ids).logits, edited, atol=1e-4)
 
 
-@pytest.mark.parametrize("name, extra", [("memit", {"layers": [0, 1], "mom2_update_weight": 10.0}), ("rome", {"layers": [0]})])
+@pytest.mark.parametrize("name, extra", [("memit", {"layers": [0, 1], "mom2_update_weight": 10.0, "rounds": 1}), ("rome", {"layers": [0]})])
 def test_lora_round_trip(name, extra, tiny_testbed, tmp_path):
     tb = tiny_testbed
     reqs = [r.request for r in tb.dataset.records[:3]]

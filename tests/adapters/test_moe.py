@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from memoe.adapters import AdapterError, MEMoEAdapter, MEMoEConfig, attach, attached, detach, load_adapter
+from memoe.adapters import AdapterError, MEMoEAdapter, MEMoEConfig, attached, detach
+from memoe.editors import attach, load_adapter
 from memoe.models.mini import llama3_mini_config
 
 

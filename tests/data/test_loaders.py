@@ -6,9 +6,12 @@ import pytest
 from memoe.data import RecordError, default_data_dir, load_edit_dataset, load_records, save_records
 from memoe.data.synthetic import WorldConfig, build_world
 
+from ..markers import needs_shared_data
+
 DATA = default_data_dir()
 
 
+@needs_shared_data
 def test_counterfact_rome_schema():
     ds = load_edit_dataset("counterfact")
     assert len(ds) == 754 and not ds.skipped
@@ -20,6 +23,7 @@ def test_counterfact_rome_schema():
     assert all(rec.request.relation for rec in ds)
 
 
+@needs_shared_data
 def test_counterfact_easyedit_schema():
     ds = load_edit_dataset("counterfact-easyedit")
     assert len(ds) == 2000
@@ -29,6 +33,7 @@ def test_counterfact_easyedit_schema():
     assert r.paraphrase_prompts and r.locality_prompts[0].target == "French"
 
 
+@needs_shared_data
 def test_zsre_reads_all_1670_records_and_names_the_bad_ones():
     rows = json.loads((DATA / "zsre.json").read_text())
     assert len(rows) == 1670
@@ -45,6 +50,7 @@ def test_zsre_reads_all_1670_records_and_names_the_bad_ones():
     assert r.locality_prompts[0].prompt.startswith("what is the name")  # "nq question: " stripped
 
 
+@needs_shared_data
 def test_data_path_is_configurable(tmp_path, monkeypatch):
     rows = json.loads((DATA / "counterfact.json").read_text())[:5]
     (tmp_path / "cf.json").write_text(json.dumps(rows))
@@ -106,6 +112,7 @@ def test_unreadable_data_files_get_one_line_errors(tmp_path, content, message):
     assert str(p) in str(e.value) and "\n" not in str(e.value)
 
 
+@needs_shared_data
 def test_wrong_schema_file_says_so(tmp_path):
     """zsRE read as CounterFact used to end in "list index out of range" after skipping every record."""
     p = tmp_path / "z.json"
@@ -115,6 +122,7 @@ def test_wrong_schema_file_says_so(tmp_path):
             load_edit_dataset("counterfact", p, bad_records="skip")
 
 
+@needs_shared_data
 def test_null_case_id_is_refused(tmp_path):
     rows = json.loads((default_data_dir() / "counterfact.json").read_text())[:2]
     rows[1]["case_id"] = None

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from memoe.config import ConfigError
 from memoe.data import EditRequest, RecordError
 from memoe.editors import REGISTRY, make_editor
 from memoe.editors.base import apply_deltas
-from memoe.config import ConfigError
 
 
 def snapshot(model):
@@ -82,3 +82,23 @@ def test_apply_deltas_checks_shapes(tiny_testbed):
         apply_deltas(tiny_testbed.model, {"model.layers.0.mlp.down_proj.weight": torch.zeros(2, 2)}, "x")
     with pytest.raises(KeyError, match="unknown parameter"):
         apply_deltas(tiny_testbed.model, {"nope": torch.zeros(2)}, "x")
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_make_editor_gives_the_shipped_config(name):
+    """One source of defaults: ``make_editor(name)`` is ``--editor name``, the shipped YAML."""
+    from memoe.config import from_dict
+    from memoe.editors import read_editor_config
+    from memoe.resources import editor_config_path
+
+    method, data = read_editor_config(editor_config_path(name))
+    assert method == name and make_editor(name).config == from_dict(REGISTRY[name].Config, data)
+
+
+def test_an_editor_yaml_must_name_its_method(tmp_path):
+    (tmp_path / "a.yaml").write_text("layers: [0]\n")
+    with pytest.raises(ConfigError, match="a.yaml: an editor config names its method"):
+        make_editor("ft", tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("method: rome\nlayers: [0]\n")
+    with pytest.raises(ConfigError, match="b.yaml configures 'rome', not 'ft'"):
+        make_editor("ft", tmp_path / "b.yaml")

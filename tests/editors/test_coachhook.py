@@ -3,9 +3,9 @@ import copy
 import pytest
 import torch
 
-from memoe.adapters import attach, attached, detach
+from memoe.adapters import attached, detach
 from memoe.config import ConfigError
-from memoe.editors import make_editor
+from memoe.editors import attach, editor_class
 from memoe.editors.closed_form.solves import memit_solve
 from memoe.editors.coachhook import edit_scope_stats, rls_update
 from memoe.evaluation.harness import run_mode
@@ -35,7 +35,7 @@ def test_every_edit_prompt_fires_and_sequential_batches_work(tiny_testbed):
     model = copy.deepcopy(tiny_testbed.model)
     tok, recs = tiny_testbed.tokenizer, tiny_testbed.dataset.records[:6]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    editor = make_editor("coachhook", overrides=CFG)
+    editor = editor_class("coachhook")(CFG)
     r1 = editor.apply(model, tok, [r.request for r in recs[:3]])
     adapter = editor.adapter(model)
     for key, st in edit_scope_stats(model, tok, adapter, [r.request for r in recs[:3]], "prompt_last").items():
@@ -55,20 +55,20 @@ def test_every_edit_prompt_fires_and_sequential_batches_work(tiny_testbed):
 def test_save_reload_and_continue_equals_an_uninterrupted_run(tiny_testbed, tmp_path):
     tok, recs = tiny_testbed.tokenizer, tiny_testbed.dataset.records[:4]
     reqs = [r.request for r in recs]
-    editor = make_editor("coachhook", overrides=CFG)
+    editor = editor_class("coachhook")(CFG)
     straight = copy.deepcopy(tiny_testbed.model)
     editor.apply(straight, tok, reqs[:2])
     editor.apply(straight, tok, reqs[2:])
     want = {k: v.clone() for k, v in editor.adapter(straight).state_dict().items()}
 
     first = copy.deepcopy(tiny_testbed.model)
-    editor2 = make_editor("coachhook", overrides=CFG)
+    editor2 = editor_class("coachhook")(CFG)
     editor2.apply(first, tok, reqs[:2])
     editor2.adapter(first).save(tmp_path / "hooks")
     detach(first)
     later = copy.deepcopy(tiny_testbed.model)  # a new session: fresh base, saved hooks
     attach(later, tmp_path / "hooks")
-    editor3 = make_editor("coachhook", overrides=CFG)
+    editor3 = editor_class("coachhook")(CFG)
     editor3.apply(later, tok, reqs[2:])
     got = editor3.adapter(later).state_dict()
     for k, v in want.items():
@@ -78,7 +78,7 @@ def test_save_reload_and_continue_equals_an_uninterrupted_run(tiny_testbed, tmp_
 def test_lightning_variant_learns_the_batch(tiny_testbed):
     model = copy.deepcopy(tiny_testbed.model)
     tok, recs = tiny_testbed.tokenizer, tiny_testbed.dataset.records[:4]
-    editor = make_editor("coachhook", overrides={**CFG, "update": "lightning",
+    editor = editor_class("coachhook")({**CFG, "update": "lightning",
                                                   "train": {"lr": 0.01, "max_steps": 120, "aux_factor": 1.0, "kl_factor": 0.0}})
     run = run_mode(editor, model, tok, recs, "batch", 4, progress=False)
     assert run.current["cf_efficacy_mag"] > run.pre["cf_efficacy_mag"] + 0.05
@@ -88,7 +88,7 @@ def test_lightning_variant_learns_the_batch(tiny_testbed):
 def test_bfloat16_base_hooks_compute_in_its_precision_and_every_edit_prompt_fires(tiny_testbed):
     model = copy.deepcopy(tiny_testbed.model).to(torch.bfloat16)
     tok, recs = tiny_testbed.tokenizer, tiny_testbed.dataset.records[:3]
-    editor = make_editor("coachhook", overrides=CFG)
+    editor = editor_class("coachhook")(CFG)
     editor.apply(model, tok, [r.request for r in recs])
     adapter = editor.adapter(model)
     k = torch.randn(2, 3, adapter.base_info["intermediate_size"], dtype=torch.bfloat16)
@@ -105,7 +105,7 @@ def test_bfloat16_base_hooks_compute_in_its_precision_and_every_edit_prompt_fire
 def test_fact_token_alpha_rule_opens_the_gate_where_the_keys_were_written(tiny_testbed):
     model = copy.deepcopy(tiny_testbed.model)
     tok, reqs = tiny_testbed.tokenizer, [r.request for r in tiny_testbed.dataset.records[:4]]
-    editor = make_editor("coachhook", overrides={**CFG, "fact_token": "subject_last", "alpha_rule": "fact_token"})
+    editor = editor_class("coachhook")({**CFG, "fact_token": "subject_last", "alpha_rule": "fact_token"})
     result = editor.apply(model, tok, reqs)
     adapter = editor.adapter(model)
     stats = edit_scope_stats(model, tok, adapter, reqs, "subject_last")  # (N,) per layer
@@ -130,13 +130,13 @@ def test_rounds_are_further_recursive_updates_and_need_the_closed_form(tiny_test
     traces = {}
     for rounds in (1, 2):
         model = copy.deepcopy(tiny_testbed.model)
-        editor = make_editor("coachhook", overrides={**CFG, "rounds": rounds})
+        editor = editor_class("coachhook")({**CFG, "rounds": rounds})
         result = editor.apply(model, tok, reqs)
         assert result.info["rounds"] == rounds
         traces[rounds] = float(editor.adapter(model).layers["0"].cov.trace())
     assert traces[2] > 1.5 * traces[1]  # the batch's keys entered Σ K Kᵀ once per round
     with pytest.raises(ConfigError, match="'rounds'"):
-        make_editor("coachhook", overrides={**CFG, "update": "lightning", "rounds": 2})
+        editor_class("coachhook")({**CFG, "update": "lightning", "rounds": 2})
 
 
 @pytest.mark.parametrize("later", ["forced", "gated"])
@@ -158,7 +158,7 @@ def test_later_rounds_run_with_hooks_forced_or_through_the_opened_gate(tiny_test
         return original(model, *args, **kwargs)
 
     monkeypatch.setattr(core, "batch_targets", spy)
-    editor = make_editor("coachhook", overrides={**CFG, "rounds": 3, "v_stop_loss": 0.0, "later_rounds": later})
+    editor = editor_class("coachhook")({**CFG, "rounds": 3, "v_stop_loss": 0.0, "later_rounds": later})
     assert editor.apply(model, tok, reqs).info["rounds"] == 3
     assert seen[0][0] == {True}  # the first round: the paper's temporary hook, on at every token
     for forced, fires in seen[1:]:

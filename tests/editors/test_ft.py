@@ -1,4 +1,3 @@
-import torch
 
 from memoe.editors import make_editor
 from memoe.evaluation.scoring import score_pairs

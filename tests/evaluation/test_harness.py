@@ -126,7 +126,9 @@ def test_locality_is_against_the_unedited_model(tiny_testbed):
 
 
 def test_all_modes_listed():
-    assert MODES == ("single", "batch", "sequential", "sequential-batch")
+    assert list(MODES) == ["single", "batch", "sequential", "sequential-batch"]
+    assert [m.restores for m in MODES.values()] == [True, True, False, False]
+    assert [m.batch_size(8) for m in MODES.values()] == [1, 8, 1, 8]
 
 
 def test_checkpoints_rescore_all_edits_so_far(tiny_testbed):

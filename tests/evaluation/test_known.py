@@ -4,7 +4,7 @@ import pytest
 
 from memoe.data import EditDataset, EditRecord, EditRequest
 from memoe.evaluation.known import known, select_known
-from memoe.pipeline import known_records
+from memoe.experiment import known_records
 
 from .fakes import BigramLM, word_tokenizer
 

@@ -18,22 +18,23 @@ def test_readme_written_from_result_files(tmp_path):
               "trace": {"effects": {"mlp": {"subject_last": [0.2, 0.0, 0.5], "prompt_last": [0.0, 0.1, 0.9]}}}}
     metrics = {"cf_efficacy": 1.0, "cf_paraphrase": 0.5, "cf_neighbourhood": 0.75, "cf_score": 0.7}
     result = {"pre": metrics, "dataset": {"name": "synthetic", "num_edits": 9},
-              "options": {"modes": ["batch"], "batch_sizes": [3]}, "pre_scoring": {"prompts_per_second": 100.0},
-              "runs": [{"editor": "ft", "mode": "batch", "batch_size": 3, "current": metrics, "final": None,
-                        "edits_per_second": 2.5, "peak_memory_mb": 512.0}]}
+              "options": {"grid": {"modes": ["batch"], "batch_sizes": [3]}}, "pre_scoring": {"prompts_per_second": 100.0},
+              "machine": {"platform": "x86_64", "cpus": 2, "device": "cpu", "gpu": None},
+              "runs": {"ft batch b=3": {"editor": "ft", "mode": "batch", "batch_size": 3, "current": metrics, "final": None,
+                                        "edits_per_second": 2.5, "peak_memory_mb": 512.0}}}
     gpu = {**result, "machine": {"platform": "x86_64", "cpus": 16, "device": "cuda:0", "gpu": "NVIDIA H200"}}
     (tmp_path / "r.json").write_text(json.dumps(report))
     (tmp_path / "e.json").write_text(json.dumps(result))
     (tmp_path / "g.json").write_text(json.dumps(gpu))
     readme = tmp_path / "README.md"
     readme.write_text("# t\n<!-- results:testbeds -->\n<!-- /results:testbeds -->\n<!-- results:evals -->\n<!-- /results:evals -->\n")
-    main(str(readme), [str(tmp_path / "r.json")], [str(tmp_path / "e.json"), str(tmp_path / "g.json")])
+    main(str(readme), "", [str(tmp_path / "r.json")], [str(tmp_path / "e.json"), str(tmp_path / "g.json")])
     text = readme.read_text()
     assert "| synthetic-9 | 1,234 | 12 | 0.990 | 0.800 |" in text
     assert "+0.200 (0)" in text and "+0.100 (1)" in text  # last layer excluded from the peaks
     assert "| ft batch b=3 (current) | 1.000 | 0.500 | 0.750 | 0.700 |" in text
     assert "2.5 edits/s" in text
-    assert "batch sizes [3]; cpu)" in text  # a file from before the machine was recorded
+    assert "batch sizes [3]; x86_64, 2 CPU threads, cpu)" in text
     assert "batch sizes [3]; x86_64, 16 CPU threads, cuda:0 (NVIDIA H200))" in text
 
 
@@ -44,7 +45,7 @@ def test_adapter_section_from_train_metrics(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps(res))
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:adapters -->\n<!-- /results:adapters -->\n")
-    main(str(readme), [], [], [str(tmp_path / "metrics.json")])
+    main(str(readme), "", [], [], [str(tmp_path / "metrics.json")])
     text = readme.read_text()
     assert "| memoe, gate on | 1.000 | 0.500 | 0.750 | 0.700 |" in text and "| memoe, gate off | 0.900 |" in text
     assert "40 steps in 12.5 s (0.72 edits/s)" in text
@@ -54,24 +55,45 @@ def test_study_section_with_table_winners_and_copied_plots(tmp_path):
     m = lambda e, n: {"cf_efficacy": e, "cf_paraphrase": 0.5, "cf_neighbourhood": n, "cf_score": 0.7}  # noqa: E731
     run = lambda mode, b, cur, fin: {"editor": "memit", "mode": mode, "batch_size": b, "layer": None, "current": cur,  # noqa: E731
                                      "final": fin, "edits_per_second": 1.25, "peak_memory_mb": 600.0, "wall_seconds": 30}
-    res = {"study": "batch-size", "description": "metrics against batch size",
-           "definition": {"editors": ["memit"], "modes": ["batch", "sequential-batch"]},
+    res = {"name": "batch-size", "description": "metrics against batch size",
+           "definition": {"grid": {"editors": ["memit"], "modes": ["batch", "sequential-batch"]}},
            "machine": {"platform": "x86_64", "cpus": 2, "device": "cpu", "gpu": None},
            "dataset": {"name": "counterfact", "num_edits": 8}, "pre": m(0.0, 1.0),
            "runs": {"memit batch b=8": run("batch", 8, m(1.0, 0.9), None),
                     "memit sequential-batch b=4": run("sequential-batch", 4, m(1.0, 1.0), m(0.75, 0.95))},
-           "skipped": {"memit batch b=16": "over N", "memit batch b=32": "over N", "memit sequential-batch b=1": "slow"}}
+           "skipped": [{"editor": "memit", "mode": "batch", "batch_size": 16, "reason": "over N"},
+                       {"editor": "memit", "mode": "batch", "batch_size": 32, "reason": "over N"},
+                       {"editor": "memit", "mode": "sequential-batch", "batch_size": 1, "reason": "slow"}]}
     studies = tmp_path / "runs"
     studies.mkdir()
     (studies / "bs.json").write_text(json.dumps(res))
     (studies / "bs-batch-size.png").write_bytes(b"\x89PNG fake")
-    readme = tmp_path / "README.md"
+    (tmp_path / "docs").mkdir()
+    readme = tmp_path / "docs" / "results.md"
     readme.write_text("<!-- results:studies -->\n<!-- /results:studies -->\n")
-    main(str(readme), [], [], [], [str(studies / "bs.json")])
+    main(str(readme), "", [], [], [], [str(studies / "bs.json")])
     text = readme.read_text()
     assert "| memit | batch | 8 | 1.000 | 0.500 | 0.900 | 0.700 | 1.250 | 600 |" in text
     assert "| memit | sequential-batch | 4 | 0.750 | 0.500 | 0.950 |" in text  # the final scores, not current
     assert "cf_efficacy — memit batch b=8 (1.000)" in text and "cf_neighbourhood — memit sequential-batch b=4 (0.950)" in text
     assert "2 runs in 1.0 min" in text and "Skipped: batch sizes 16, 32 for memit batch (over N); memit sequential-batch b=1 (slow)." in text
-    assert "![bs-batch-size](docs/studies/bs-batch-size.png)" in text
+    assert "![bs-batch-size](studies/bs-batch-size.png)" in text
     assert (tmp_path / "docs" / "studies" / "bs-batch-size.png").read_bytes() == b"\x89PNG fake"
+
+
+def test_method_table_from_a_study_over_every_editor(tmp_path):
+    from memoe.editors import REGISTRY
+
+    m = lambda s: {"cf_efficacy": 1.0, "cf_score": s}
+    runs = {"rome batch b=16": {"editor": "rome", "mode": "batch", "batch_size": 16, "current": m(0.9), "final": None},
+            "rome sequential-batch b=16": {"editor": "rome", "mode": "sequential-batch", "batch_size": 16, "current": m(0.9),
+                                           "final": m(0.625)}}
+    res = {"name": "main", "runs": runs, "pre": m(0.0), "dataset": {"name": "counterfact", "num_edits": 32},
+           "machine": {"platform": "x86_64", "cpus": 2, "device": "cpu", "gpu": None}}
+    (tmp_path / "main.json").write_text(json.dumps(res))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:methods -->\n<!-- /results:methods -->\n")
+    main("", str(readme), [], [], methods=str(tmp_path / "main.json"))
+    text = readme.read_text()
+    assert f"| `rome` | {REGISTRY['rome'].summary} | Meng et al. 2022 | 0.900 | 0.625 |" in text  # final, not current
+    assert "| `memit` |" in text and text.count("| `") == len(REGISTRY)  # every method, measured or not

@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 import torch
 
 from memoe import nethook
+from memoe.batching import encode_pairs, model_device, pad_batch, row_mean, target_index, token_nll, warn_if_too_long
 from memoe.config import bounds
 from memoe.contexts import ContextOptions, prefixed
 from memoe.data.records import EditRequest
 from memoe.editors.base import EditorConfig, WeightEditor, scratch_weights
 from memoe.editors.closed_form.stats import corpus_identity, layer_stats, resolve_corpus
-from memoe.evaluation.scoring import encode_pairs, model_device, pad_batch, target_index, warn_if_too_long
+from memoe.errors import ConfigError
 from memoe.models.arch import model_parts
 from memoe.tokens import fact_position
 
@@ -134,9 +135,7 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
     tr, tc, labels = target_index(p_ids, t_ids)
     labels = torch.tensor(labels, device=device)
     tok_row = torch.tensor(tr, device=device)
-    per_row = torch.bincount(tok_row, minlength=n_rows)  # target tokens per row
     prompt_owner = torch.tensor(owner, device=device)
-    per_request = torch.bincount(prompt_owner, minlength=N)  # prompts per request
     kl_last = [len(k) - 1 for k in kl_ids]
     head = model.get_output_embeddings()
     out_name = _layer_out(parts, layer)
@@ -158,13 +157,11 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
     model.requires_grad_(False)
     losses, met = [], False
     try:
-        for step in range(cfg.v_steps):
+        for _step in range(cfg.v_steps):
             with nethook.patch(model, {out_name: add_delta}):
                 hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            logp = torch.log_softmax(head(hidden[tr, tc]).float(), -1)
-            tok_nll = -logp.gather(1, labels[:, None])[:, 0]
-            row_nll = torch.zeros(n_rows, device=device).index_add(0, tok_row, tok_nll) / per_row
-            req_nll = torch.zeros(N, device=device).index_add(0, prompt_owner, row_nll) / per_request
+            row_nll = row_mean(token_nll(head, hidden, tr, tc, labels), tok_row, n_rows)  # (rows,)
+            req_nll = row_mean(row_nll, prompt_owner, N)  # (N,) each request's mean over its prefixed prompts
             kl_new = torch.log_softmax(head(hidden[torch.arange(n_rows, n_rows + N), kl_last]).float(), -1)
             kl = torch.nn.functional.kl_div(kl_new, kl_ref, log_target=True, reduction="batchmean")
             decay = (delta.norm(dim=1) ** 2 / h_init.norm(dim=1) ** 2).mean()
@@ -219,13 +216,13 @@ class C0Memo:
         for l, C in covs.items():
             d = parts.down_proj_weight(l).shape[1]
             if C.shape != (d, d):
-                raise ValueError(f"covariance for layer {l} has shape {tuple(C.shape)}, expected ({d}, {d})")
+                raise ConfigError(f"covariance for layer {l} has shape {tuple(C.shape)}, expected ({d}, {d})")
         return covs
 
 
 def edit_layers(cfg: ClosedFormConfig, layers: list[int]) -> list[int]:
     if not layers or len(set(layers)) != len(layers):
-        raise ValueError(f"edit layers must be distinct and at least one, got {cfg.layers}")
+        raise ConfigError(f"edit layers must be distinct and at least one, got {cfg.layers}")
     return layers
 
 

@@ -17,6 +17,8 @@ class EMMETConfig(ClosedFormConfig):
 
 class EMMETEditor(ClosedFormEditor):
     name = "emmet"
+    summary = "batched equality constraints (with a small λ_e), MEMIT's core otherwise"
+    paper = "Gupta et al. 2024"
     Config = EMMETConfig
 
     def solve(self, R, K, C):

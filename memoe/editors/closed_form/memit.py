@@ -18,6 +18,8 @@ class MEMITConfig(ClosedFormConfig):
 
 class MEMITEditor(ClosedFormEditor):
     name = "memit"
+    summary = "least squares with preservation weight λ, the residual spread over several layers"
+    paper = "Meng et al. 2023"
     Config = MEMITConfig
 
     def solve(self, R, K, C):

@@ -25,6 +25,8 @@ class ROMEConfig(ClosedFormConfig):
 
 class ROMEEditor(ClosedFormEditor):
     name = "rome"
+    summary = "a rank-one equality-constrained update per fact; a batch is applied as consecutive single edits"
+    paper = "Meng et al. 2022"
     Config = ROMEConfig
     one_at_a_time = True
 

@@ -31,7 +31,7 @@ def spd_solve(A: torch.Tensor, B: torch.Tensor, what: str = "system", max_cond: 
         raise ValueError(f"{what}: matrix of shape {tuple(A.shape)} cannot solve right-hand side of shape {tuple(B.shape)}")
     scale = A.diagonal().abs().mean().clamp_min(1e-300)
     eps = 0.0
-    for attempt in range(16):
+    for _attempt in range(16):
         # the ridge goes on a copy's diagonal: no identity matrix (1.6 GB in float64 for Llama-3-8B's d = 14336)
         L, info = torch.linalg.cholesky_ex(A if eps == 0 else _ridged(A, eps * scale))
         if info == 0:

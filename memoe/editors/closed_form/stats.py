@@ -21,8 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from memoe import nethook
-from memoe.evaluation.scoring import model_device, pad_batch
-from memoe.io import default_cache_dir, file_sha256, load_tensors, save_tensors, stable_hash, write_text
+from memoe.batching import model_device, pad_batch
+from memoe.errors import CacheError, ConfigError, DataError, MissingFileError
+from memoe.io import default_cache_dir, file_sha256, load_tensors, save_tensors, stable_hash, tensor_metadata, write_text
 from memoe.models.arch import model_fingerprint, model_parts
 
 STATS_FORMAT = "1"
@@ -51,10 +52,10 @@ def resolve_corpus(source: str, model=None) -> str:
 def _wiki_dump() -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("stats_corpus 'wikipedia' needs the 'gensim' package: pip install gensim==4.4.0")
+        raise MissingFileError("stats_corpus 'wikipedia' needs the 'gensim' package: pip install gensim==4.4.0")
     dump = Path(spec.origin).parent / WIKI_DUMP
     if not dump.is_file():
-        raise FileNotFoundError(f"stats_corpus 'wikipedia': {dump} is missing from the installed gensim package")
+        raise MissingFileError(f"stats_corpus 'wikipedia': {dump} is missing from the installed gensim package")
     return dump
 
 
@@ -121,7 +122,7 @@ def corpus_texts(source: str, model=None, tok=None, samples: int = 20_000, max_l
         return
     if source == "self":
         if model is None or tok is None:
-            raise ValueError("stats_corpus 'self' needs the model and its tokenizer")
+            raise ConfigError("stats_corpus 'self' needs the model and its tokenizer")
         yield from self_generated_texts(model, tok, -(-samples // max_length), max_length, seed)
         return
     p = Path(source)
@@ -138,7 +139,7 @@ def corpus_texts(source: str, model=None, tok=None, samples: int = 20_000, max_l
         ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
     for row in ds:
         if "text" not in row:
-            raise KeyError(f"stats corpus {source}: rows need a 'text' field, got {sorted(row)}")
+            raise DataError(f"stats corpus {source}: rows need a 'text' field, got {sorted(row)}")
         if row["text"].strip():
             yield row["text"]
 
@@ -169,7 +170,7 @@ def second_moment(model, tok, texts: Iterable[str], layer: int, samples: int, ba
         bar.update(k.shape[0])
     bar.close()
     if acc is None or count == 0:
-        raise ValueError("the stats corpus yielded no tokens")
+        raise DataError("the stats corpus yielded no tokens")
     return acc / count, count
 
 
@@ -191,20 +192,17 @@ def layer_stats(model, tok, layer: int, corpus: str = "auto", samples: int = 20_
             "corpus": identity}
     if path.exists():
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                stored = f.metadata() or {}
+            stored = tensor_metadata(path)
             bad = [k for k, v in meta.items() if stored.get(k) != v]
             if bad:
-                raise ValueError(f"metadata mismatch in {bad}")
+                raise CacheError(f"metadata mismatch in {bad}")
             C = load_tensors(path)["C0"]
             if C.shape != (d, d) or C.dtype != torch.float64 or not torch.isfinite(C).all() or not torch.allclose(C, C.T):
-                raise ValueError(f"bad matrix (shape {tuple(C.shape)}, dtype {C.dtype})")
+                raise CacheError(f"bad matrix (shape {tuple(C.shape)}, dtype {C.dtype})")
             if stored.get("sha256") != _tensor_sha(C):
-                raise ValueError("the matrix does not match its stored content hash")
+                raise CacheError("the matrix does not match its stored content hash")
             return C
-        except Exception as e:
+        except (CacheError, KeyError) as e:  # KeyError: a safetensors file without the "C0" tensor
             warnings.warn(f"key statistics cache {path} is unusable ({e}); recomputing", stacklevel=2)
     texts = corpus_texts(corpus, model, tok, samples, max_length)
     C, count = second_moment(model, tok, texts, layer, samples, batch_size, max_length, progress)

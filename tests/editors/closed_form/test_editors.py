@@ -4,7 +4,7 @@ compute without changing the model."""
 import pytest
 import torch
 
-from memoe.editors import make_editor
+from memoe.editors import editor_class
 from memoe.editors.closed_form.core import compute_keys, compute_targets
 from memoe.evaluation.scoring import score_pairs
 
@@ -20,7 +20,7 @@ def stats_cache(tmp_path_factory):
 def test_closed_form_editor_writes_facts(name, extra, tiny_testbed, stats_cache):
     tb = tiny_testbed
     reqs = [r.request for r in tb.dataset.records[:3]]
-    ed = make_editor(name, overrides={**FAST, **extra, "stats_cache": stats_cache, "layers": extra.get("layers", [0])})
+    ed = editor_class(name)({**FAST, **extra, "stats_cache": stats_cache, "layers": extra.get("layers", [0])})
     before = {k: v.clone() for k, v in tb.model.state_dict().items()}
     deltas, info = ed.compute_deltas(tb.model, tb.tokenizer, reqs)
     assert all(torch.equal(before[k], v) for k, v in tb.model.state_dict().items())  # computing changes nothing
@@ -72,12 +72,12 @@ def test_rome_takes_one_layer():
     from memoe.config import ConfigError
 
     with pytest.raises(ConfigError, match="exactly one layer"):
-        make_editor("rome", overrides={"layers": [0, 1]})
+        editor_class("rome")({"layers": [0, 1]})
 
 
 def test_wrong_covariance_shape_is_named(tiny_testbed, monkeypatch):
     tb = tiny_testbed
-    ed = make_editor("emmet", overrides=FAST)
+    ed = editor_class("emmet")(FAST)
     monkeypatch.setattr(ed, "stats", lambda model, tok, layer: torch.eye(3, dtype=torch.float64))
     before = {k: v.clone() for k, v in tb.model.state_dict().items()}
     with pytest.raises(ValueError, match="covariance for layer 0 has shape \\(3, 3\\)"):
@@ -87,7 +87,7 @@ def test_wrong_covariance_shape_is_named(tiny_testbed, monkeypatch):
 
 def test_c0_stays_the_unedited_models_across_sequential_edits(tiny_testbed, tmp_path):
     tb = tiny_testbed
-    ed = make_editor("memit", overrides={**FAST, "layers": [0, 1], "stats_cache": str(tmp_path)})
+    ed = editor_class("memit")({**FAST, "layers": [0, 1], "stats_cache": str(tmp_path)})
     c_before = ed.stats(tb.model, tb.tokenizer, 1).clone()
     r1 = ed.apply(tb.model, tb.tokenizer, [tb.dataset[0].request])
     try:
@@ -111,7 +111,7 @@ def test_further_rounds_insert_what_the_first_left_out(tiny_testbed, stats_cache
     reqs = [r.request for r in tb.dataset.records[:4]]
     nll = {}
     for rounds in (1, 3):
-        ed = make_editor("memit", overrides={**FAST, "layers": [0, 1], "mom2_update_weight": 3e3,
+        ed = editor_class("memit")({**FAST, "layers": [0, 1], "mom2_update_weight": 3e3,
                                              "stats_cache": stats_cache, "rounds": rounds})
         result = ed.apply(tb.model, tb.tokenizer, reqs)
         try:
@@ -125,7 +125,7 @@ def test_further_rounds_insert_what_the_first_left_out(tiny_testbed, stats_cache
 def test_rounds_stop_once_every_target_is_met(tiny_testbed, stats_cache):
     # With a stop loss no target NLL exceeds, every target is met before any step: one round, not three.
     tb = tiny_testbed
-    ed = make_editor("emmet", overrides={**FAST, "stats_cache": stats_cache, "rounds": 3, "v_stop_loss": 1e3})
+    ed = editor_class("emmet")({**FAST, "stats_cache": stats_cache, "rounds": 3, "v_stop_loss": 1e3})
     deltas, info = ed.compute_deltas(tb.model, tb.tokenizer, [tb.dataset[0].request])
     assert info["rounds"] == 1
     assert len(info["target_losses"]) == 2  # the second round's targets were computed, then nothing inserted

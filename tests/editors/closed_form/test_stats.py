@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from memoe import nethook
 from memoe.editors.closed_form.stats import layer_stats, second_moment
 from memoe.models import model_parts
-from memoe import nethook
 
 
 def test_second_moment_equals_direct_computation_and_ignores_padding(tiny_testbed):
@@ -105,8 +105,9 @@ def test_self_generated_corpus_is_deterministic(tiny_testbed):
 
 def test_stats_cache_with_a_changed_value_is_recomputed(tiny_testbed, tmp_path):
     """A C0 file that still loads, symmetric and finite, but holds other numbers, is caught by its content hash."""
-    from memoe.io import load_tensors, save_tensors
     from safetensors import safe_open
+
+    from memoe.io import load_tensors, save_tensors
 
     tb = tiny_testbed
     C1 = layer_stats(tb.model, tb.tokenizer, 0, samples=500, cache_dir=tmp_path, progress=False)
