@@ -23,9 +23,10 @@ from memoe.config import bounds, from_dict, load_config, merge, read_yaml
 from memoe.data import EditDataset, load_edit_dataset
 from memoe.editors import editor_class, make_editor
 from memoe.errors import ConfigError, DataError
+from memoe.evaluation.generation import PROTOCOL as GENERATION_PROTOCOL
 from memoe.evaluation.harness import MODES, ScoreOptions, get_mode, machine_info, pre_scores, run_mode
 from memoe.evaluation.known import select_known
-from memoe.evaluation.metrics import compute_metrics
+from memoe.evaluation.metrics import PERPLEXITY_TOKENS, PREFIX, compute_metrics
 from memoe.evaluation.plots import plot_experiment
 from memoe.evaluation.tables import result_markdown, run_label
 from memoe.io import write_json, write_text
@@ -353,6 +354,7 @@ def run_experiment(exp: Experiment, resume: bool = False, subject: Subject | Non
         "pre_scoring": {"prompts": pre.prompts_scored, "seconds": round(pre_seconds, 3),
                         "prompts_per_second": round(pre.prompts_scored / pre_seconds, 1)},
         "machine": machine_info(next(model.parameters()).device),
+        "protocol": protocol(exp, subject),
         "runs": dict(done), "skipped": skipped, "order": [s.key for s in specs], "complete": False,
     }
     write_json(out, result)
@@ -375,6 +377,26 @@ def run_experiment(exp: Experiment, resume: bool = False, subject: Subject | Non
     write_json(out, result)
     result["markdown"], result["plots"] = render(result, out, exp.plot)
     return result
+
+
+def protocol(exp: Experiment, subject: Subject) -> dict:
+    """How the numbers were made, stated in every result file and table."""
+    s = exp.scoring
+    return {
+        "model": exp.edits.model or "memoe knowledge testbed", "chat_template": None,
+        "records": subject.dataset.meta.get("selection", {"rule": "none (first records)"}),
+        "teacher_forced": "P(x) = exp(-mean token NLL of the whole target); CounterFact scores compare P(new) with P(true); "
+                          "EasyEdit locality compares argmax tokens with the unedited model's",
+        "generation": {**GENERATION_PROTOCOL, "max_new_tokens": s.gen_max_new_tokens} if s.generation else None,
+        "stress": {"cf_plus_neighbourhood": "the edit's sentence (request prompt + new target) before each neighbourhood prompt",
+                   "prefixed_efficacy": f"the request prompt after {PREFIX!r}",
+                   "same_subject_agreement": "next-token argmax after the subject asked about other relations equals the "
+                                             "unedited model's"} if s.stress else None,
+        "perplexity": f"{s.perplexity_texts} held-out Wikipedia paragraphs (gensim's sample), {PERPLEXITY_TOKENS} tokens each"
+                      if s.perplexity_texts else None,
+        "scored": "current: each batch right after it is applied; final: every edit after the last batch (sequential modes)"
+                  + (f"; every {exp.grid.checkpoint_every} edits (checkpoints)" if exp.grid.checkpoint_every else ""),
+    }
 
 
 def render(result: dict, out: str | Path, plot: bool = True) -> tuple[str, list[str]]:

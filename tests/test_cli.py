@@ -39,6 +39,11 @@ def test_evaluate_writes_every_field(cache, tmp_path, capsys):
         assert (r["final"] is None) == (r["mode"] == "batch")
     assert res["options"]["edits"]["seed"] == 1 and res["dataset"]["num_edits"] == 6
     assert res["machine"]["device"] == "cpu" and res["machine"]["gpu"] is None  # where it ran, for the README
+    p = res["protocol"]  # how the numbers were made
+    assert p["generation"]["max_new_tokens"] == 50 and p["chat_template"] is None and "first records" in p["records"]["rule"]
+    for key in ("gen_efficacy", "gen_paraphrase", "gen_neighbourhood", "cf_plus_neighbourhood", "prefixed_efficacy",
+                "same_subject_agreement", "perplexity_ratio"):
+        assert all(r["current"][key] is not None for r in runs), key
     md = out.with_suffix(".md").read_text()
     assert md.startswith("| editor | mode | batch |") and "| run |" in md and "ft sequential-batch b=3 (final)" in md
     for png in ("out-batch-size.png", "out-edits.png"):

@@ -20,12 +20,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from memoe.config import bounds
 from memoe.data.records import EditRecord
 from memoe.editors.base import Editor, EditResult
 from memoe.errors import ConfigError, DataError
-from memoe.evaluation.metrics import RawScores, compute_metrics, raw_scores, subset
-from memoe.evaluation.scoring import PairScores
+from memoe.evaluation.metrics import RawScores, ScoreOptions, compute_metrics, concat, raw_scores, shared_subject_batch, subject_probes, subset
 
 
 @dataclass(frozen=True)
@@ -108,18 +106,6 @@ class PeakMemory:
         return False
 
 
-def merge(parts: list[RawScores]) -> RawScores:
-    """Concatenate raw scores of consecutive record batches."""
-    cat = lambda f: PairScores(*[[x for p in parts for x in getattr(getattr(p, f), g)] for g in ("nll", "token_acc", "argmax", "first_prob")])  # noqa: E731
-    lists = lambda f: [x for p in parts for x in getattr(p, f)]  # noqa: E731
-    flu = [p.fluency for p in parts if p.fluency is not None]
-    out = RawScores(cat("request_new"), cat("request_true"), lists("para_new"), lists("para_true"), lists("neigh_new"),
-                    lists("neigh_true"), lists("loc"), lists("same"), sum(flu) / len(flu) if flu else None)
-    out.prompts_scored = sum(p.prompts_scored for p in parts)
-    out.seconds = sum(p.seconds for p in parts)
-    return out
-
-
 @dataclass
 class RunResult:
     """One editor in one mode over N edits: every field ``evaluate.py`` writes."""
@@ -147,18 +133,6 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class ScoreOptions:
-    """How edits are scored."""
-
-    batch_size: int = field(default=64, metadata=bounds(1))
-    """Prompts per scoring forward pass."""
-    fluency_prompts: int = field(default=1, metadata=bounds(0))
-    """Generation prompts per record for the fluency metric (0: off)."""
-    max_new_tokens: int = field(default=30, metadata=bounds(1))
-    """Tokens generated per fluency prompt."""
 
 
 def batches_for(mode: str, n: int, batch_size: int) -> list[range]:
@@ -193,7 +167,11 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
     restores = get_mode(mode).restores
     if not restores and not editor.supports_sequential:
         raise ConfigError(f"editor {editor.name!r} does not support the {mode!r} mode")
-    sc = lambda recs: raw_scores(model, tok, recs, score.batch_size, score.fluency_prompts, score.max_new_tokens)  # noqa: E731
+    probes = subject_probes(records)  # the subject under other relations, from the whole run's templates
+    sc = lambda recs: raw_scores(model, tok, recs, score, probes)
+    # the metrics of the first n records; the batch-level stress set needs the batches, beside the per-record metrics
+    metrics = lambda rs, n: {**compute_metrics(rs, subset(pre, list(range(n)))),
+                             "shared_subject_batch": shared_subject_batch(rs, records[:n], [c for c in chunks if c.stop <= n])}
     if pre is None:
         pre = sc(records)
     device = next(model.parameters()).device
@@ -219,12 +197,12 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
                 n_restores += 1
             elif next_checkpoint is not None and (chunk.stop >= next_checkpoint or chunk.stop == len(records)):
                 so_far = sc(records[: chunk.stop])
-                checkpoints.append({"edits": chunk.stop, "metrics": compute_metrics(so_far, subset(pre, list(range(chunk.stop))))})
+                checkpoints.append({"edits": chunk.stop, "metrics": metrics(so_far, chunk.stop)})
                 next_checkpoint = (chunk.stop // checkpoint_every + 1) * checkpoint_every
                 final = so_far  # after the last batch this is the final scoring: not scored twice
             bar.update(len(chunk))
         bar.close()
-        current = merge(current_parts)
+        current = concat(current_parts)
         if restores:
             final = None
         elif not checkpoints or checkpoints[-1]["edits"] != len(records):
@@ -237,8 +215,8 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
     scoring_seconds = current.seconds + (final.seconds if final else 0)
     return RunResult(
         editor=editor.name, mode=mode, batch_size=get_mode(mode).batch_size(batch_size),
-        num_edits=len(records), pre=compute_metrics(pre, pre), current=compute_metrics(current, pre),
-        final=compute_metrics(final, pre) if final else None, edit_seconds=round(edit_seconds, 4),
+        num_edits=len(records), pre=compute_metrics(pre, pre), current=metrics(current, len(records)),
+        final=metrics(final, len(records)) if final else None, edit_seconds=round(edit_seconds, 4),
         edits_per_second=round(len(records) / edit_seconds, 3) if edit_seconds > 0 else float("inf"),
         peak_memory_mb=round(peak, 1), peak_memory_delta_mb=round(peak_delta, 1), restores=n_restores,
         scoring={"prompts": scored, "seconds": round(scoring_seconds, 3),
@@ -249,8 +227,7 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
 
 def pre_scores(model, tok, records: list[EditRecord], score: ScoreOptions | None = None) -> RawScores:
     """The unedited model's raw scores (compute once, share across editors and modes)."""
-    score = score or ScoreOptions()
-    return raw_scores(model, tok, records, score.batch_size, score.fluency_prompts, score.max_new_tokens)
+    return raw_scores(model, tok, records, score or ScoreOptions(), subject_probes(records))
 
 
 __all__ = ["MODES", "Mode", "PeakMemory", "get_mode", "RunResult", "ScoreOptions", "batches_for", "pre_scores", "run_mode", "subset"]

@@ -23,6 +23,7 @@ entropies (bits).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -31,8 +32,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memoe.batching import model_device
+from memoe.batching import model_device, pad_batch, token_nll
+from memoe.config import bounds
 from memoe.data.records import EditRecord
+from memoe.editors.closed_form.stats import wikipedia_paragraphs
+from memoe.errors import MissingFileError
+from memoe.evaluation.generation import greedy_answers, hits, same_answer
 from memoe.evaluation.scoring import PairScores, score_pairs
 
 METRIC_NAMES = (
@@ -40,6 +45,8 @@ METRIC_NAMES = (
     "cf_efficacy_mag", "cf_paraphrase_mag", "cf_neighbourhood_mag",
     "zsre_efficacy", "zsre_paraphrase", "zsre_specificity",
     "reliability", "generality", "locality", "same_subject", "fluency",
+    "gen_efficacy", "gen_paraphrase", "gen_neighbourhood", "gen_reliability", "gen_generality", "gen_locality", "gen_same_subject",
+    "cf_plus_neighbourhood", "prefixed_efficacy", "same_subject_agreement", "shared_subject_batch", "perplexity", "perplexity_ratio",
 )
 
 
@@ -91,8 +98,37 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 30, batch_siz
 # -- per-edit raw scores ----------------------------------------------------------------------------------
 
 @dataclass
+class ScoreOptions:
+    """How edits are scored."""
+
+    batch_size: int = field(default=64, metadata=bounds(1))
+    """Prompts per scoring forward pass."""
+    fluency_prompts: int = field(default=1, metadata=bounds(0))
+    """Generation prompts per record for the fluency metric (0: off)."""
+    max_new_tokens: int = field(default=30, metadata=bounds(1))
+    """Tokens generated per fluency prompt."""
+    generation: bool = True
+    """Generation-based metrics beside the teacher-forced ones (``gen_*``): greedy answers, at most
+    ``gen_max_new_tokens``, stopping at ".", a newline or the end of sequence (docs/guide.md, Metrics)."""
+    gen_max_new_tokens: int = field(default=50, metadata=bounds(1))
+    """Most tokens of a generated answer (the protocol's 50)."""
+    stress: bool = True
+    """The stress sets: CounterFact+ neighbourhood, prefixed efficacy, same-subject agreement."""
+    perplexity_texts: int = field(default=8, metadata=bounds(0))
+    """Held-out Wikipedia paragraphs (the sample gensim ships; not editing data) for the perplexity of the edited
+    model against the unedited one's (0: off; skipped without gensim)."""
+
+
+#: The unrelated sentence before the request prompt in ``prefixed_efficacy``.
+PREFIX = "The museum reopened last spring after a long renovation."
+#: Tokens of each held-out paragraph in the perplexity.
+PERPLEXITY_TOKENS = 128
+
+
+@dataclass
 class RawScores:
-    """Every number the metrics need for a list of records, from one batched pass per prompt kind."""
+    """Every number the metrics need for a list of records, from one batched pass per prompt kind. Per-record fields
+    are lists aligned with the records; fields of an option that was off are None."""
 
     request_new: PairScores
     request_true: PairScores
@@ -103,6 +139,16 @@ class RawScores:
     loc: list[PairScores]
     same: list[PairScores]
     fluency: float | None = None
+    targets: list[str] = field(default_factory=list)  # each record's new target
+    answers: dict[str, list[list[str]]] | None = None
+    """Generated answers per record: ``request`` (one), ``para``, ``neigh``, ``loc``, ``probe`` (the subject under
+    other relations)."""
+    plus_new: list[PairScores] | None = None  # CounterFact+: the edit's sentence, then each neighbourhood prompt
+    plus_true: list[PairScores] | None = None
+    prefixed_new: PairScores | None = None  # the request prompt after PREFIX
+    prefixed_true: PairScores | None = None
+    probe_next: list[list[int]] | None = None  # per record, the argmax next token after each probe prompt
+    perplexity: list[float] = field(default_factory=list)  # one per scoring call (the model as it was then)
     prompts_scored: int = 0
     seconds: float = 0.0
 
@@ -126,31 +172,117 @@ def locality_pairs(rec: EditRecord) -> list[tuple[str, str]]:
     return [(p, rec.request.target_true) for p in rec.neighborhood_prompts if rec.request.target_true]
 
 
-def raw_scores(model, tok, records: list[EditRecord], batch_size: int = 64, fluency_prompts: int = 0,
-               max_new_tokens: int = 30) -> RawScores:
-    """Score every prompt of ``records`` against both targets, in batches."""
+def subject_probes(records: list[EditRecord], per_record: int = 3) -> dict:
+    """case id -> the record's subject asked about other relations: its ``same_subject_prompts`` where the dataset
+    has them (the synthetic world), else up to ``per_record`` other relations' request templates among ``records``
+    filled with the subject (the first distinct relations in record order)."""
+    templates = list(dict.fromkeys((r.request.relation, r.request.prompt) for r in records if r.request.relation))
+    by_relation: dict = {}
+    for rel, template in templates:
+        by_relation.setdefault(rel, template)  # each relation's first template
+    out = {}
+    for r in records:
+        if r.same_subject_prompts:
+            out[r.case_id] = tuple(p.prompt for p in r.same_subject_prompts)
+        else:
+            others = [t for rel, t in by_relation.items() if rel != r.request.relation][:per_record]
+            out[r.case_id] = tuple(t.format(r.request.subject) for t in others)
+    return out
+
+
+def _split(flat: list, groups: list[list]) -> list[list]:
+    out, i = [], 0
+    for g in groups:
+        out.append(flat[i : i + len(g)])
+        i += len(g)
+    return out
+
+
+def raw_scores(model, tok, records: list[EditRecord], opts: ScoreOptions | None = None, probes: dict | None = None) -> RawScores:
+    """Score every prompt of ``records`` against both targets, in batches; with ``opts`` also generate, stress and
+    measure perplexity (default: teacher-forced scores only). ``probes``: :func:`subject_probes` of the whole run
+    (default: of ``records``)."""
+    opts = opts or ScoreOptions(fluency_prompts=0, generation=False, stress=False, perplexity_texts=0)
+    bs = opts.batch_size
     t0 = time.perf_counter()
-    new = lambda r, ps: [(p, r.request.target_new) for p in ps]  # noqa: E731
-    true = lambda r, ps: [(p, r.request.target_true or r.request.target_new) for p in ps]  # noqa: E731
-    req = _grouped(model, tok, [new(r, [r.request.text]) + true(r, [r.request.text]) for r in records], batch_size)
+    new = lambda r, ps: [(p, r.request.target_new) for p in ps]
+    true = lambda r, ps: [(p, r.request.target_true or r.request.target_new) for p in ps]
+    both = lambda groups: (PairScores(*[[x for g in groups for x in getattr(g, f)[:1]] for f in ("nll", "token_acc", "argmax", "first_prob")]),
+                           PairScores(*[[x for g in groups for x in getattr(g, f)[1:]] for f in ("nll", "token_acc", "argmax", "first_prob")]))
+    request_new, request_true = both(_grouped(model, tok, [new(r, [r.request.text]) + true(r, [r.request.text]) for r in records], bs))
     rs = RawScores(
-        request_new=PairScores(*[[x for g in req for x in getattr(g, f)[:1]] for f in ("nll", "token_acc", "argmax", "first_prob")]),
-        request_true=PairScores(*[[x for g in req for x in getattr(g, f)[1:]] for f in ("nll", "token_acc", "argmax", "first_prob")]),
-        para_new=_grouped(model, tok, [new(r, r.paraphrase_prompts) for r in records], batch_size),
-        para_true=_grouped(model, tok, [true(r, r.paraphrase_prompts) for r in records], batch_size),
-        neigh_new=_grouped(model, tok, [new(r, r.neighborhood_prompts) for r in records], batch_size),
-        neigh_true=_grouped(model, tok, [true(r, r.neighborhood_prompts) for r in records], batch_size),
-        loc=_grouped(model, tok, [locality_pairs(r) for r in records], batch_size),
-        same=_grouped(model, tok, [[(p.prompt, p.target) for p in r.same_subject_prompts] for r in records], batch_size),
+        request_new=request_new, request_true=request_true,
+        para_new=_grouped(model, tok, [new(r, r.paraphrase_prompts) for r in records], bs),
+        para_true=_grouped(model, tok, [true(r, r.paraphrase_prompts) for r in records], bs),
+        neigh_new=_grouped(model, tok, [new(r, r.neighborhood_prompts) for r in records], bs),
+        neigh_true=_grouped(model, tok, [true(r, r.neighborhood_prompts) for r in records], bs),
+        loc=_grouped(model, tok, [locality_pairs(r) for r in records], bs),
+        same=_grouped(model, tok, [[(p.prompt, p.target) for p in r.same_subject_prompts] for r in records], bs),
     )
+    rs.targets = [r.request.target_new for r in records]
     rs.prompts_scored = 2 * len(records) + sum(
         len(g.nll) for gs in (rs.para_new, rs.para_true, rs.neigh_new, rs.neigh_true, rs.loc, rs.same) for g in gs)
-    if fluency_prompts:
-        prompts = [p for r in records for p in r.generation_prompts[:fluency_prompts]]
+    probes = probes if probes is not None else subject_probes(records)
+    probe_prompts = [list(probes.get(r.case_id, ())) for r in records]
+    if opts.generation:
+        kinds = {"request": [[r.request.text] for r in records], "para": [list(r.paraphrase_prompts) for r in records],
+                 "neigh": [list(r.neighborhood_prompts) for r in records], "loc": [[p.prompt for p in r.locality_prompts] for r in records],
+                 "probe": probe_prompts}
+        flat = [p for groups in kinds.values() for g in groups for p in g]
+        gen = greedy_answers(model, tok, flat, opts.gen_max_new_tokens, bs)
+        rs.answers, i = {}, 0
+        for kind, groups in kinds.items():
+            n = sum(len(g) for g in groups)
+            rs.answers[kind] = _split(gen[i : i + n], groups)
+            i += n
+        rs.prompts_scored += len(flat)
+    if opts.stress:
+        plus = [[f"{r.request.text} {r.request.target_new}. {p}" for p in r.neighborhood_prompts] for r in records]
+        rs.plus_new = _grouped(model, tok, [new(r, ps) for r, ps in zip(records, plus)], bs)
+        rs.plus_true = _grouped(model, tok, [true(r, ps) for r, ps in zip(records, plus)], bs)
+        prefixed = [[f"{PREFIX} {r.request.text}"] for r in records]
+        rs.prefixed_new, rs.prefixed_true = both(_grouped(model, tok, [new(r, ps) + true(r, ps) for r, ps in zip(records, prefixed)], bs))
+        # the next-token argmax after each probe: the first position of any target (here the new one) predicts it
+        rs.probe_next = [[am[0] for am in g.argmax] for g in _grouped(model, tok, [new(r, ps) for r, ps in zip(records, probe_prompts)], bs)]
+        rs.prompts_scored += 2 * sum(len(ps) for ps in plus) + 2 * len(records) + sum(len(ps) for ps in probe_prompts)
+    if opts.perplexity_texts:
+        texts = heldout_texts(opts.perplexity_texts)
+        if texts:
+            rs.perplexity = [perplexity(model, tok, texts, bs)]
+    if opts.fluency_prompts:
+        prompts = [p for r in records for p in r.generation_prompts[:opts.fluency_prompts]]
         if prompts:
-            rs.fluency = _mean(ngram_entropy(t) for t in generate(model, tok, prompts, max_new_tokens))
+            rs.fluency = _mean(ngram_entropy(t) for t in generate(model, tok, prompts, opts.max_new_tokens))
     rs.seconds = time.perf_counter() - t0
     return rs
+
+
+@functools.lru_cache(maxsize=4)
+def heldout_texts(n: int) -> list[str]:
+    """The first ``n`` paragraphs of the Wikipedia sample gensim ships, after the first 1,000 (the covariance
+    statistics read from the start); empty without gensim."""
+    try:
+        paragraphs = wikipedia_paragraphs()
+    except MissingFileError:
+        return []
+    return paragraphs[1000 : 1000 + n]
+
+
+@torch.no_grad()
+def perplexity(model, tok, texts: list[str], batch_size: int = 64) -> float:
+    """exp of the mean token NLL over ``texts`` (each cut to its first PERPLEXITY_TOKENS tokens, BOS first)."""
+    ids = [x[:PERPLEXITY_TOKENS] for x in tok(texts, add_special_tokens=True)["input_ids"] if len(x) > 1]
+    head, device, total, count = model.get_output_embeddings(), model_device(model), 0.0, 0
+    for s in range(0, len(ids), batch_size):
+        rows = ids[s : s + batch_size]
+        batch, mask = pad_batch(rows, tok.pad_token_id, device)
+        hidden = model.base_model(input_ids=batch, attention_mask=mask).last_hidden_state  # (B, T, H)
+        r = [b for b, x in enumerate(rows) for _ in x[1:]]
+        c = [j for x in rows for j in range(len(x) - 1)]
+        labels = torch.tensor([t for x in rows for t in x[1:]], device=device)
+        total += token_nll(head, hidden, r, c, labels).double().sum().item()
+        count += len(labels)
+    return math.exp(total / count)
 
 
 def _p(nll: float) -> float:
@@ -190,15 +322,86 @@ def compute_metrics(post: RawScores, pre: RawScores | None = None) -> dict[str, 
         m["locality"] = None
     m["same_subject"] = _mean(x for g in post.same for x in g.exact)
     m["fluency"] = post.fluency
+    m.update(_generation_metrics(post, pre))
+    m.update(_stress_metrics(post, pre))
+    m["perplexity"] = _mean(post.perplexity)
+    m["perplexity_ratio"] = m["perplexity"] / _mean(pre.perplexity) if m["perplexity"] and pre is not None and pre.perplexity else None
     return m
 
 
+def _generation_metrics(post: RawScores, pre: RawScores | None) -> dict[str, float | None]:
+    """``gen_*``: the answers a user would see (:mod:`memoe.evaluation.generation`)."""
+    keys = ("gen_efficacy", "gen_paraphrase", "gen_neighbourhood", "gen_reliability", "gen_generality", "gen_locality", "gen_same_subject")
+    if post.answers is None:
+        return dict.fromkeys(keys)
+    a, targets = post.answers, post.targets
+    per_record = lambda kind, fn: _mean(_mean(fn(i, j, x) for j, x in enumerate(g)) for i, g in enumerate(a[kind]) if g)
+    hit_new = lambda i, j, x: float(hits(x, targets[i]))
+    agree = lambda kind: (lambda i, j, x: float(same_answer(x, pre.answers[kind][i][j])))
+    has_pre = pre is not None and pre.answers is not None
+    m = {"gen_efficacy": per_record("request", hit_new), "gen_paraphrase": per_record("para", hit_new),
+         "gen_neighbourhood": per_record("neigh", agree("neigh")) if has_pre else None,
+         "gen_locality": per_record("loc", agree("loc")) if has_pre else None,
+         "gen_same_subject": per_record("probe", agree("probe")) if has_pre else None}
+    has_loc = any(a["loc"])  # zsRE's names, where the dataset has locality prompts
+    m["gen_reliability"] = m["gen_efficacy"] if has_loc else None
+    m["gen_generality"] = m["gen_paraphrase"] if has_loc else None
+    if not has_loc:
+        m["gen_locality"] = None
+    return {k: m[k] for k in keys}
+
+
+def _stress_metrics(post: RawScores, pre: RawScores | None) -> dict[str, float | None]:
+    """CounterFact+ neighbourhood, prefixed efficacy and same-subject agreement (teacher-forced)."""
+    keys = ("cf_plus_neighbourhood", "prefixed_efficacy", "same_subject_agreement")
+    if post.plus_new is None:
+        return dict.fromkeys(keys)
+    plus = [_mean(float(t < n) for n, t in zip(pn.nll, pt.nll)) for pn, pt in zip(post.plus_new, post.plus_true) if pn.nll]
+    pre_ok = pre is not None and pre.probe_next is not None
+    agree = [float(a == b) for g_post, g_pre in zip(post.probe_next, pre.probe_next) for a, b in zip(g_post, g_pre)] if pre_ok else []
+    return {"cf_plus_neighbourhood": _mean(plus),
+            "prefixed_efficacy": _mean(float(n < t) for n, t in zip(post.prefixed_new.nll, post.prefixed_true.nll)),
+            "same_subject_agreement": _mean(agree) if pre_ok else None}
+
+
+def shared_subject_batch(rs: RawScores, records: list[EditRecord], batches: list[range]) -> float | None:
+    """Efficacy over the edits whose subject has another edit in the same batch (MEMIT is known to fail such batches,
+    MEMIT-Merge 2025); None when no batch holds two edits of one subject. ``rs`` scores ``records`` in order."""
+    idx = [i for b in batches for i in b if Counter(records[j].request.subject for j in b)[records[i].request.subject] > 1]
+    return _mean(float(rs.request_new.nll[i] < rs.request_true.nll[i]) for i in idx) if idx else None
+
+
+def _pairs(parts: list[PairScores]) -> PairScores:
+    return PairScores(*[[x for p in parts for x in getattr(p, g)] for g in ("nll", "token_acc", "argmax", "first_prob")])
+
+
+def concat(parts: list[RawScores]) -> RawScores:
+    """Raw scores of consecutive record batches as one (fluency: the mean of the batches'; perplexity: each batch's)."""
+    lists = lambda f: [x for p in parts for x in getattr(p, f)]
+    some = lambda f: all(getattr(p, f) is not None for p in parts)
+    flu = [p.fluency for p in parts if p.fluency is not None]
+    return RawScores(
+        _pairs([p.request_new for p in parts]), _pairs([p.request_true for p in parts]), lists("para_new"), lists("para_true"),
+        lists("neigh_new"), lists("neigh_true"), lists("loc"), lists("same"), sum(flu) / len(flu) if flu else None,
+        targets=lists("targets"),
+        answers={k: [g for p in parts for g in p.answers[k]] for k in parts[0].answers} if some("answers") else None,
+        plus_new=lists("plus_new") if some("plus_new") else None, plus_true=lists("plus_true") if some("plus_true") else None,
+        prefixed_new=_pairs([p.prefixed_new for p in parts]) if some("prefixed_new") else None,
+        prefixed_true=_pairs([p.prefixed_true for p in parts]) if some("prefixed_true") else None,
+        probe_next=lists("probe_next") if some("probe_next") else None, perplexity=lists("perplexity"),
+        prompts_scored=sum(p.prompts_scored for p in parts), seconds=sum(p.seconds for p in parts))
+
+
 def subset(rs: RawScores, idx: list[int]) -> RawScores:
-    """Raw scores of the records at ``idx`` (to score a batch of edits against the pre-edit row)."""
-    pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-    one = lambda s: PairScores(pick(s.nll), pick(s.token_acc), pick(s.argmax), pick(s.first_prob))  # noqa: E731
+    """Raw scores of the records at ``idx`` (to score a batch of edits against the pre-edit row). Model-level figures
+    (fluency, perplexity) stay whole: they do not belong to records."""
+    pick = lambda xs: None if xs is None else [xs[i] for i in idx]
+    one = lambda s: None if s is None else PairScores(pick(s.nll), pick(s.token_acc), pick(s.argmax), pick(s.first_prob))
     return RawScores(one(rs.request_new), one(rs.request_true), pick(rs.para_new), pick(rs.para_true),
-                     pick(rs.neigh_new), pick(rs.neigh_true), pick(rs.loc), pick(rs.same), None)
+                     pick(rs.neigh_new), pick(rs.neigh_true), pick(rs.loc), pick(rs.same), None, targets=pick(rs.targets),
+                     answers=None if rs.answers is None else {k: pick(v) for k, v in rs.answers.items()},
+                     plus_new=pick(rs.plus_new), plus_true=pick(rs.plus_true), prefixed_new=one(rs.prefixed_new),
+                     prefixed_true=one(rs.prefixed_true), probe_next=pick(rs.probe_next), perplexity=list(rs.perplexity))
 
 
 @dataclass

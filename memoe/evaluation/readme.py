@@ -26,7 +26,8 @@ from memoe.evaluation.tables import headline, metrics_table, run_label, summary_
 from memoe.io import write_text
 
 EVAL_COLUMNS = ("cf_efficacy", "cf_paraphrase", "cf_neighbourhood", "cf_score", "reliability", "generality",
-                "locality", "same_subject", "fluency")
+                "locality", "same_subject", "fluency", "gen_efficacy", "gen_paraphrase", "gen_neighbourhood", "gen_locality",
+                "cf_plus_neighbourhood", "prefixed_efficacy", "same_subject_agreement", "shared_subject_batch", "perplexity_ratio")
 
 
 def testbeds_section(reports: list[dict]) -> str:
@@ -125,7 +126,7 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 
 def main(results_file: str, readme: str, testbeds: list[str], evals: list[str], adapters: list[str] | None = None,
-         studies: list[str] | None = None, methods: str | None = None) -> None:
+         studies: list[str] | None = None, methods: str | None = None, evals_section_name: str = "evals") -> None:
     load = lambda paths: [(p, json.loads(Path(p).read_text())) for p in paths]
     if testbeds or evals or adapters or studies:
         text = Path(results_file).read_text()
@@ -135,7 +136,7 @@ def main(results_file: str, readme: str, testbeds: list[str], evals: list[str], 
         if testbeds:
             text = replace_section(text, "testbeds", testbeds_section([r for _, r in load(testbeds)]))
         if evals:
-            text = replace_section(text, "evals", evals_section(load(evals)))
+            text = replace_section(text, evals_section_name, evals_section(load(evals)))
         if adapters:
             text = replace_section(text, "adapters", adapters_section(load(adapters)))
         write_text(results_file, text)
@@ -152,5 +153,6 @@ if __name__ == "__main__":
     ap.add_argument("--adapters", nargs="*", default=[], help="train.py metrics.json files")
     ap.add_argument("--studies", nargs="*", default=[], help="evaluate.py --study result JSON files (PNGs beside them)")
     ap.add_argument("--methods", help="a study result over every editor: the README's method table")
+    ap.add_argument("--evals-section", default="evals", help="the marker name --evals writes between (default: evals)")
     a = ap.parse_args()
-    main(a.results, a.readme, a.testbeds, a.evals, a.adapters, a.studies, a.methods)
+    main(a.results, a.readme, a.testbeds, a.evals, a.adapters, a.studies, a.methods, a.evals_section)

@@ -8,7 +8,9 @@ from __future__ import annotations
 from memoe.evaluation.metrics import MetricsTable
 
 #: Columns of the summary table and the metrics the plots show.
-TABLE_METRICS = ("cf_efficacy", "cf_paraphrase", "cf_neighbourhood", "cf_score", "reliability", "generality", "locality")
+TABLE_METRICS = ("cf_efficacy", "cf_paraphrase", "cf_neighbourhood", "cf_score", "reliability", "generality", "locality",
+                 "gen_efficacy", "gen_paraphrase", "gen_neighbourhood", "gen_locality", "cf_plus_neighbourhood", "prefixed_efficacy",
+                 "same_subject_agreement", "shared_subject_batch", "perplexity_ratio")
 
 
 def run_label(run: dict) -> str:
@@ -81,9 +83,22 @@ def metrics_table(result: dict, columns: tuple[str, ...] | None = None) -> str:
     return t.markdown(tuple(c for c in columns if any(m.get(c) is not None for _, m in t.rows)) if columns else None)
 
 
+def protocol_line(result: dict) -> str:
+    """One paragraph naming how the numbers were made (the result's ``protocol``)."""
+    p = result.get("protocol")
+    if not p:
+        return ""
+    g = p.get("generation")
+    sel = p["records"].get("rule", "")
+    return (f"Protocol: {p['model']}, no chat template; records: {sel}; teacher-forced scores ({p['teacher_forced']})"
+            + (f"; gen_* by greedy decoding (at most {g['max_new_tokens']} tokens, stopping at '.', a newline or the end; "
+               f"hit: {g['hit']})" if g else "") + f"; scored {p['scored']}.")
+
+
 def result_markdown(result: dict) -> str:
-    """The Markdown file written beside a result: the summary, then every metric."""
-    return summary_table(result) + "\n\nEvery metric, right after each batch (current) and after all edits (final):\n\n" + metrics_table(result)
+    """The Markdown file written beside a result: the summary, the protocol, then every metric."""
+    return (summary_table(result) + "\n\n" + protocol_line(result) + "\n\nEvery metric, right after each batch (current) and "
+            "after all edits (final):\n\n" + metrics_table(result))
 
 
 __all__ = ["TABLE_METRICS", "headline", "metrics_table", "result_markdown", "run_label", "summary_table", "winners"]

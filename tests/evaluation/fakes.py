@@ -59,3 +59,18 @@ class BigramLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         return SimpleNamespace(logits=self.head(self.base_model(input_ids).last_hidden_state))
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, stopping_criteria=None, pad_token_id=0, **kw):
+        """Greedy decoding of the bigram table (left padding is harmless: only the last token matters); rows the
+        stopping criteria call done get ``pad_token_id`` from then on, as in transformers."""
+        ids, done = input_ids, torch.zeros(len(input_ids), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            nxt = self.forward(ids[:, -1:]).logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            if stopping_criteria is not None:
+                done = done | stopping_criteria[0](ids, None)
+            if done.all():
+                break
+        return ids

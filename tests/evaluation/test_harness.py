@@ -141,6 +141,8 @@ def test_checkpoints_rescore_all_edits_so_far(tiny_testbed):
                  progress=False, checkpoint_every=3)
     assert [c["edits"] for c in r.checkpoints] == [4, 6, 7]
     assert r.checkpoints[-1]["metrics"] == r.final
+    # general ability at every checkpoint: the perplexity of held-out text, against the unedited model's
+    assert all(c["metrics"]["perplexity"] > 1 and c["metrics"]["perplexity_ratio"] is not None for c in r.checkpoints)
 
     class NullEditor(SpyEditor):  # changes nothing: each checkpoint must equal the pre-edit row of its records
         def compute_deltas(self, model, tok, requests):
@@ -151,7 +153,7 @@ def test_checkpoints_rescore_all_edits_so_far(tiny_testbed):
                  progress=False, checkpoint_every=3)
     for c in r.checkpoints:
         head = pre_scores(tb.model, tb.tokenizer, records[: c["edits"]], NO_FLUENCY)
-        assert c["metrics"] == compute_metrics(head, head)
+        assert c["metrics"] == {**compute_metrics(head, head), "shared_subject_batch": None}  # no batch of two here holds a subject twice
     assert run_mode(SpyEditor(), tb.model, tb.tokenizer, records, "batch", 2, pre=pre, score=NO_FLUENCY,
                     progress=False, checkpoint_every=3).checkpoints == []
     with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):

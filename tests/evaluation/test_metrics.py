@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from memoe.data import EditRecord, EditRequest, LabeledPrompt
 from memoe.evaluation.metrics import compute_metrics, harmonic_mean, ngram_entropy, raw_scores
@@ -89,3 +90,109 @@ def test_ngram_entropy_by_hand():
     h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
     assert ngram_entropy("a b a b") == pytest.approx((h2 * 2 / 3 + 1.0 * 4 / 3) / 2)
     assert ngram_entropy("the the the the") == 0.0
+
+
+# -- generation metrics, stress sets, perplexity --------------------------------------------------------------
+
+def _raw(answers=None, **kw):
+    from memoe.evaluation.metrics import RawScores
+    from memoe.evaluation.scoring import PairScores
+
+    empty = PairScores([], [], [], [])
+    n = len(kw.get("targets", []))
+    return RawScores(kw.pop("request_new", PairScores([1.0] * n, [0.0] * n, [[0]] * n, [0.0] * n)),
+                     kw.pop("request_true", PairScores([2.0] * n, [0.0] * n, [[0]] * n, [0.0] * n)),
+                     [empty] * n, [empty] * n, [empty] * n, [empty] * n, [empty] * n, [empty] * n, answers=answers, **kw)
+
+
+def test_generation_metrics_on_set_answers():
+    pre = _raw({"request": [[" Rome"], [" Oslo"]], "para": [[" Rome", " Rome"], []], "neigh": [[" Rome.", " Lima"], [" Oslo"]],
+                "loc": [[], []], "probe": [[" a cook"], [" 1901"]]}, targets=["Paris", "Lima"])
+    post = _raw({"request": [[" Paris, in fact"], [" the Lima."]], "para": [[" Paris", " Rome"], []],
+                 "neigh": [[" rome", " Paris"], [" Oslo. Surely"]], "loc": [[], []], "probe": [[" a cook"], [" 1902"]]},
+                targets=["Paris", "Lima"])
+    m = compute_metrics(post, pre)
+    assert m["gen_efficacy"] == 1.0  # "Paris, in fact" and "the Lima" both begin with their target
+    assert m["gen_paraphrase"] == 0.5  # record 0: one of two; record 1 has no paraphrases
+    assert m["gen_neighbourhood"] == pytest.approx((0.5 + 1.0) / 2)  # "rome" = "Rome." and "Oslo. Surely" = "Oslo"; "Paris" moved
+    assert m["gen_same_subject"] == 0.5 and m["gen_locality"] is None and m["gen_reliability"] is None  # no locality prompts
+    assert compute_metrics(post)["gen_neighbourhood"] is None  # agreement needs the unedited model's answers
+
+
+def test_generation_metrics_with_locality_prompts_use_zsres_names():
+    pre = _raw({"request": [[" no"]], "para": [[" no"]], "neigh": [[]], "loc": [[" 1998", " blue"]], "probe": [[]]}, targets=["2006"])
+    post = _raw({"request": [[" 2006"]], "para": [[" 2005"]], "neigh": [[]], "loc": [[" 1998", " red"]], "probe": [[]]}, targets=["2006"])
+    m = compute_metrics(post, pre)
+    assert (m["gen_reliability"], m["gen_generality"], m["gen_locality"]) == (1.0, 0.0, 0.5)
+
+
+def test_stress_metrics_by_hand():
+    from memoe.evaluation.scoring import PairScores
+
+    ps = lambda nll: PairScores(nll, [0.0] * len(nll), [[0]] * len(nll), [0.0] * len(nll))
+    pre = _raw(targets=["x", "y"], probe_next=[[5, 6], [7]], plus_new=[ps([3.0]), ps([3.0])], plus_true=[ps([1.0]), ps([1.0])],
+               prefixed_new=ps([2.0, 2.0]), prefixed_true=ps([1.0, 1.0]))
+    # the edit's own sentence before the neighbour flips record 0's neighbour to the new target; the prefix keeps one edit
+    post = _raw(targets=["x", "y"], probe_next=[[5, 9], [7]], plus_new=[ps([0.5]), ps([3.0])], plus_true=[ps([1.0]), ps([1.0])],
+                prefixed_new=ps([0.5, 2.0]), prefixed_true=ps([1.0, 1.0]))
+    m = compute_metrics(post, pre)
+    assert m["cf_plus_neighbourhood"] == 0.5 and m["prefixed_efficacy"] == 0.5
+    assert m["same_subject_agreement"] == pytest.approx(2 / 3)  # one probe's next token moved
+    assert compute_metrics(pre, pre)["cf_plus_neighbourhood"] == 1.0
+
+
+def test_stress_prompts_are_built_as_defined(lm, monkeypatch):
+    import memoe.evaluation.metrics as metrics
+    from memoe.evaluation.metrics import PREFIX, ScoreOptions
+
+    m, tok = lm
+    seen = []
+    real = metrics.score_pairs
+    spy = lambda model, tok, prompts, targets, bs: seen.extend(prompts) or real(model, tok, prompts, targets, bs)
+    monkeypatch.setattr(metrics, "score_pairs", spy)
+    rec = record(request=EditRequest("{} home", "Ada", "Paris", "Rome", 0, relation="P1"))
+    other = record(request=EditRequest("{} dwelling", "Bob", "Rome", "Paris", 1, relation="P2"))
+    raw_scores(m, tok, [rec, other], ScoreOptions(fluency_prompts=0, generation=False, perplexity_texts=0))
+    assert "Ada home Paris. Bob dwelling" in seen  # CounterFact+: the edit's sentence, then the neighbour
+    assert f"{PREFIX} Ada home" in seen
+    assert "Ada dwelling" in seen and "Bob home" in seen  # each subject under the other record's relation
+
+
+def test_perplexity_equals_an_independent_computation(tiny_testbed):
+    from memoe.evaluation.metrics import PERPLEXITY_TOKENS, perplexity
+
+    model, tok = tiny_testbed.model, tiny_testbed.tokenizer
+    texts = [r.request.text + " " + r.request.target_true for r in tiny_testbed.dataset.records[:5]] + ["x " * 300]
+    total, count = 0.0, 0
+    for t in texts:  # one text at a time, the model's own loss (mean NLL of tokens 1..T-1)
+        ids = torch.tensor([tok(t)["input_ids"][:PERPLEXITY_TOKENS]])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss.double().item()
+        total, count = total + loss * (ids.shape[1] - 1), count + ids.shape[1] - 1
+    assert perplexity(model, tok, texts, batch_size=4) == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_subject_probes_use_other_relations_of_the_run():
+    from memoe.evaluation.metrics import subject_probes
+
+    recs = [record(request=EditRequest("{} lives in", "Ada", "Paris", "Rome", 1, relation="P1")),
+            record(request=EditRequest("{} works for", "Bob", "IBM", "BBC", 2, relation="P2")),
+            record(request=EditRequest("{} was born in", "Cy", "Oslo", "Lima", 3, relation="P3")),
+            record(request=EditRequest("{} resides in", "Dee", "Oslo", "Lima", 4, relation="P1")),
+            record(request=EditRequest("{} x", "Eve", "a", "b", 5), same_subject_prompts=(LabeledPrompt("Eve q", "answer"),))]
+    probes = subject_probes(recs, per_record=2)
+    assert probes[1] == ("Ada works for", "Ada was born in") and probes[4] == ("Dee works for", "Dee was born in")
+    assert probes[2] == ("Bob lives in", "Bob was born in") and probes[5] == ("Eve q",)  # the world's own, where it has them
+
+
+def test_shared_subject_batch_scores_only_edits_whose_subject_shares_their_batch():
+    from memoe.evaluation.metrics import shared_subject_batch
+    from memoe.evaluation.scoring import PairScores
+
+    subjects = ["Ada", "Bob", "Ada", "Cy", "Cy", "Bob"]
+    recs = [record(request=EditRequest("{} home", s, "Paris", "Rome", i)) for i, s in enumerate(subjects)]
+    won = [True, True, False, True, True, False]  # P(new) > P(true) per edit
+    rs = _raw(targets=["Paris"] * 6, request_new=PairScores([1.0 if w else 3.0 for w in won], [0.0] * 6, [[0]] * 6, [0.0] * 6))
+    # batches [0, 1, 2] and [3, 4, 5]: Ada twice in the first (one of two won), Cy twice in the second (both won)
+    assert shared_subject_batch(rs, recs, [range(0, 3), range(3, 6)]) == 0.75
+    assert shared_subject_batch(rs, recs, [range(i, i + 1) for i in range(6)]) is None  # single edits share nothing

@@ -17,7 +17,7 @@ class EMMETConfig(ClosedFormConfig):
 
 class EMMETEditor(ClosedFormEditor):
     name = "emmet"
-    summary = "batched equality constraints (with a small λ_e), MEMIT's core otherwise"
+    summary = "batched equality constraints relaxed by a ridge λ_e (at λ_e = λ it computes MEMIT's update)"
     paper = "Gupta et al. 2024"
     Config = EMMETConfig
 
