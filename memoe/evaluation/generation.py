@@ -13,6 +13,7 @@ import re
 import string
 
 import torch
+from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from memoe.batching import model_device
@@ -84,7 +85,8 @@ def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int = 50, bat
     side = tok.padding_side
     tok.padding_side = "left"
     try:
-        for s in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)  # a bar where it takes a while: the pre-edit pass over many records
+        for s in tqdm(starts, desc="generating answers", unit="batch", leave=False, disable=len(starts) < 4 or None):
             idx = order[s : s + batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(model_device(model))
             start = enc["input_ids"].shape[1]

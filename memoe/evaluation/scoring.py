@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from memoe.batching import encode_pairs, final_hidden, model_device, pad_batch, target_index, warn_if_too_long
 
@@ -48,7 +49,8 @@ def score_pairs(model: nn.Module, tok, prompts: list[str], targets: list[str], b
     # Longest first: batches of similar length waste less padding.
     order = sorted(range(len(prompts)), key=lambda i: -(len(p_ids[i]) + len(t_ids[i])))
     results: dict[int, tuple] = {}
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)  # a bar where it takes a while: the pre-edit pass over many records
+    for start in tqdm(starts, desc="scoring", unit="batch", leave=False, disable=len(starts) < 4 or None):
         idx = order[start : start + batch_size]
         seqs = [p_ids[i] + t_ids[i] for i in idx]
         ids, mask = pad_batch(seqs, tok.pad_token_id, device)
