@@ -50,3 +50,25 @@ def test_batched_answers_equal_one_prompt_at_a_time(tiny_testbed):
         ref.append(answer(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
     assert batched == ref
     assert any(a.strip() for a in ref)  # the testbed answers something
+
+
+@pytest.mark.slow
+def test_batched_answers_equal_one_prompt_at_a_time_on_smollm2():
+    """The same check on a real pretrained model (the smollm2-135m preset), whose answers are sentences."""
+    from memoe.data import load_edit_dataset
+    from memoe.models import load_model
+
+    from ..markers import needs_shared_data
+
+    if needs_shared_data.args[0]:
+        pytest.skip(needs_shared_data.kwargs["reason"])
+    model, tok = load_model("smollm2-135m", device="cpu")
+    recs = load_edit_dataset("counterfact", limit=3).records
+    prompts = [p for r in recs for p in (r.request.text, *r.paraphrase_prompts[:1], *r.neighborhood_prompts[:1])]
+    batched = greedy_answers(model, tok, prompts, max_new_tokens=20, batch_size=4)
+    ref = []
+    for p in prompts:
+        enc = tok(p, return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
+        ref.append(answer(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)))
+    assert batched == ref and sum(bool(a.strip()) for a in ref) >= len(ref) - 1
