@@ -337,7 +337,7 @@ def run_experiment(exp: Experiment, resume: bool = False, subject: Subject | Non
             editors[spec.editor, spec.layer] = make_editor(spec.editor, exp.grid.editor_configs.get(spec.editor), over, key)
         return editors[spec.editor, spec.layer]
 
-    for spec in dict.fromkeys(RunSpec(s.editor, s.mode, 1, s.layer) for s in specs):
+    for spec in specs:  # every editor and its config checked (and made once) before the model loads
         editor_for(spec)
     done = _resume(out, exp) if resume else {}
     if done:

@@ -6,6 +6,7 @@ import torch
 
 from memoe.evaluation.generation import answer, greedy_answers, hits, normalise, same_answer
 
+from ..markers import needs_shared_data
 from .fakes import BigramLM, word_tokenizer
 
 
@@ -53,15 +54,12 @@ def test_batched_answers_equal_one_prompt_at_a_time(tiny_testbed):
 
 
 @pytest.mark.slow
+@needs_shared_data
 def test_batched_answers_equal_one_prompt_at_a_time_on_smollm2():
     """The same check on a real pretrained model (the smollm2-135m preset), whose answers are sentences."""
     from memoe.data import load_edit_dataset
     from memoe.models import load_model
 
-    from ..markers import needs_shared_data
-
-    if needs_shared_data.args[0]:
-        pytest.skip(needs_shared_data.kwargs["reason"])
     model, tok = load_model("smollm2-135m", device="cpu")
     recs = load_edit_dataset("counterfact", limit=3).records
     prompts = [p for r in recs for p in (r.request.text, *r.paraphrase_prompts[:1], *r.neighborhood_prompts[:1])]
