@@ -3,6 +3,7 @@
     python evaluate.py --editor ft --dataset counterfact --num-edits 100 --mode sequential-batch --batch-size 10
     python evaluate.py --trace --dataset synthetic          # causal trace of the model: where facts live
     python evaluate.py --study batch-size --dataset counterfact   # a comparison study (configs/studies/)
+    python evaluate.py --locate kn --model smollm2-135m --dataset counterfact   # knowledge neurons per layer
 
 Writes ``--output`` (JSON: per run the pre-edit, current and final metrics, edit time, edits per second, peak
 memory, scoring throughput; per batch its time, efficacy and the editor's own figures; the machine) and a Markdown
@@ -13,10 +14,13 @@ dataset (built on first use, then cached). Every option is documented in docs/cl
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from memoe.cli import add_options, overrides, run_cli
 from memoe.config import bounds, from_dict
@@ -26,7 +30,9 @@ from memoe.errors import ConfigError, DataError
 from memoe.evaluation.known import select_known
 from memoe.experiment import Experiment, load_experiment, load_subject, run_experiment
 from memoe.io import write_json
+from memoe.locate import KNOptions, answer_token, knowledge_neurons, plot_neurons, summarise
 from memoe.models import load_model
+from memoe.models.arch import model_parts
 from memoe.trace import causal_trace, plot_trace
 
 
@@ -45,6 +51,21 @@ class TraceOptions:
 
 
 @dataclass
+class LocateOptions(KNOptions):
+    """The knowledge neurons of ``--locate kn`` (Dai et al. 2022): per known fact, integrated gradients over its
+    prompt and paraphrases, refined."""
+
+    facts: int = field(default=20, metadata=bounds(1))
+    """Known facts located."""
+    known: str = field(default="greedy", metadata=bounds(choices=("greedy", "prefers_true", "all")))
+    """Which facts count as known (as ``--trace-known``)."""
+    paraphrases: int = field(default=2, metadata=bounds(0))
+    """Paraphrase prompts of each record that vote beside its prompt in the refinement (the paper uses several)."""
+    trace: str | None = None
+    """A causal-trace JSON of the same model (``--trace``'s output), drawn beside the neurons in the figure."""
+
+
+@dataclass
 class Command:
     """What ``evaluate.py`` does with the experiment."""
 
@@ -59,6 +80,11 @@ class Command:
     """Run a causal trace of the model instead of editing (writes <output stem>-trace.json and .png)."""
     trace_options: TraceOptions = field(default_factory=TraceOptions, metadata={"cli_prefix": "trace-"})
     """The trace's settings."""
+    locate: str | None = field(default=None, metadata=bounds(choices=("kn",)))
+    """Locate facts instead of editing: ``kn``, each known fact's knowledge neurons by integrated gradients (writes
+    <output stem>-locate-kn.json and .png)."""
+    locate_options: LocateOptions = field(default_factory=LocateOptions, metadata={"cli_prefix": "locate-"})
+    """The locator's settings."""
 
 
 def parser() -> tuple[argparse.ArgumentParser, list, list]:
@@ -82,21 +108,27 @@ def trace_pool(exp: Experiment):
     return model, tok, records
 
 
-def trace_main(exp: Experiment, opts: TraceOptions) -> None:
+def known_facts(exp: Experiment, known: str, n: int, what: str):
+    """(model, tokenizer, the first ``n`` facts the model knows under rule ``known``, how they were chosen)."""
     model, tok, pool = trace_pool(exp)
     t0 = time.perf_counter()
     pool = [r for r in pool if r.request.target_true]
-    if opts.known == "all":
-        facts, selection = pool[: opts.facts], {"rule": "all", "tried": min(len(pool), opts.facts)}
+    if known == "all":
+        facts, selection = pool[:n], {"rule": "all", "tried": min(len(pool), n)}
         selection["kept"] = len(facts)
     else:
-        facts, selection = select_known(model, tok, pool, opts.facts, opts.known, exp.scoring.batch_size)
+        facts, selection = select_known(model, tok, pool, n, known, exp.scoring.batch_size)
     selection["seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"trace: {selection['kept']} known facts ({selection['rule']}) among the first {selection['tried']} candidate "
+    print(f"{what}: {selection['kept']} known facts ({selection['rule']}) among the first {selection['tried']} candidate "
           f"records ({selection['seconds']} s)", flush=True)
     if not facts:
-        raise DataError(f"no fact among {selection['tried']} records is known to the model under --trace-known "
-                        f"{opts.known}; try --trace-known prefers_true or all")
+        raise DataError(f"no fact among {selection['tried']} records is known to the model under rule {known!r}; "
+                        "try prefers_true or all")
+    return model, tok, facts, selection
+
+
+def trace_main(exp: Experiment, opts: TraceOptions) -> None:
+    model, tok, facts, selection = known_facts(exp, opts.known, opts.facts, "trace")
     t0 = time.perf_counter()
     result = causal_trace(model, tok, [(r.request.prompt, r.request.subject, r.request.target_true) for r in facts],
                           samples=opts.samples, window=opts.window, progress=exp.progress, seed=exp.edits.seed)
@@ -116,6 +148,39 @@ def trace_main(exp: Experiment, opts: TraceOptions) -> None:
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
+def locate_main(exp: Experiment, opts: LocateOptions) -> None:
+    model, tok, facts, selection = known_facts(exp, opts.known, opts.facts, "knowledge neurons")
+    trace = None
+    if opts.trace:
+        try:
+            trace = json.loads(Path(opts.trace).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--locate-trace {opts.trace}: not a readable trace JSON ({e})") from None
+    L = model_parts(model).num_layers
+    t0 = time.perf_counter()
+    found = []
+    for r in tqdm(facts, desc="knowledge neurons", unit="fact", disable=not exp.progress):
+        prompts = [r.request.text] + list(r.paraphrase_prompts[: opts.paraphrases])
+        found.append(knowledge_neurons(model, tok, prompts, answer_token(tok, r.request.target_true), None, opts))
+    seconds = round(time.perf_counter() - t0, 1)
+    summary = summarise(found, L)
+    result = {"model": exp.edits.model or "testbed", "dataset": exp.edits.dataset, "settings": asdict(opts),
+              "selection": selection, "seconds": seconds, **summary,
+              "trace_peaks": {k: trace[k] for k in ("peak_mlp", "peak_hidden") if k in trace} if trace else None,
+              "facts_found": [{"prompt": r.request.text, "target": r.request.target_true, **asdict(f)}
+                              for r, f in zip(facts, found)]}
+    out = Path(exp.output).with_name(Path(exp.output).stem + "-locate-kn")
+    write_json(out.with_suffix(".json"), result)
+    plot_neurons(summary, str(out.with_suffix(".png")), f"knowledge neurons, {result['model']}, {exp.edits.dataset}", trace)
+    print(f"{summary['neurons']} neurons over {summary['facts']} facts ({summary['neurons_per_fact']:.1f} a fact, "
+          f"{summary['facts_without_neurons']} with none) in {seconds} s")
+    print("per layer: " + " ".join(f"{l}:{n}" for l, n in enumerate(summary["per_layer"]) if n))
+    mean = "n/a" if summary["mean_layer"] is None else f"{summary['mean_layer']:.1f}"
+    print(f"most neurons at layer {summary['peak_layer']}, mean layer {mean}"
+          + (f"; causal trace MLP peak: layer {trace['peak_mlp']['layer']} ({trace['peak_mlp']['position']})" if trace else ""))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
 def run(argv: list[str] | None = None) -> int:
     p, cmd_opts, exp_opts = parser()
     ns = p.parse_args(argv)
@@ -123,8 +188,13 @@ def run(argv: list[str] | None = None) -> int:
     if cmd.config and cmd.study:
         raise ConfigError("give --config or --study, not both (a study is an experiment YAML that resumes)")
     exp = load_experiment(cmd.study or cmd.config, overrides(ns, exp_opts), study=cmd.study is not None)
+    if cmd.trace and cmd.locate:
+        raise ConfigError("give --trace or --locate, not both")
     if cmd.trace:
         trace_main(exp, cmd.trace_options)
+        return 0
+    if cmd.locate:
+        locate_main(exp, cmd.locate_options)
         return 0
     try:
         result = run_experiment(exp, resume=cmd.study is not None and not cmd.restart)

@@ -84,6 +84,23 @@ def test_trace_tool(cache, tmp_path, capsys):
     assert "peak mlp" in capsys.readouterr().out
 
 
+def test_locate_tool_finds_knowledge_neurons_and_draws_them_beside_a_trace(cache, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert evaluate.main(["--trace", "--trace-facts", "2", "--testbed-config", TINY, "--num-edits", "3", "--output", str(out),
+                          "--no-progress"]) == 0
+    assert evaluate.main(["--locate", "kn", "--locate-facts", "3", "--locate-steps", "5", "--locate-paraphrases", "1",
+                          "--locate-trace", str(tmp_path / "t-trace.json"), "--testbed-config", TINY, "--num-edits", "3",
+                          "--output", str(out), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "t-locate-kn.json").read_text())
+    assert res["facts"] == 3 and len(res["facts_found"]) == 3 and res["settings"]["steps"] == 5
+    assert all(f["prompts"] == 2 for f in res["facts_found"])  # the prompt and one paraphrase voted
+    assert sum(res["per_layer"]) == res["neurons"] == sum(len(f["neurons"]) for f in res["facts_found"]) > 0
+    assert res["trace_peaks"]["peak_mlp"]["layer"] in range(len(res["per_layer"]))
+    assert (tmp_path / "t-locate-kn.png").exists()
+    assert "most neurons at layer" in capsys.readouterr().out
+    assert evaluate.main(["--locate", "kn", "--trace", "--testbed-config", TINY, "--output", str(out), "--no-progress"]) == 2
+
+
 def test_known_only_is_recorded(cache, tmp_path):
     out = tmp_path / "k.json"
     assert evaluate.main(["--editor", "ft", "--testbed-config", TINY, "--num-edits", "3", "--mode", "batch",
@@ -115,6 +132,18 @@ def test_trace_on_the_real_model(tmp_path, capsys):
     assert res["num_layers"] == 30 and res["p_clean"] > res["p_corrupt"]
     for f in res["facts"]:  # the clean last-layer state at the last token gives the clean probability back
         assert f["restored"]["hidden"][-1][-1] == pytest.approx(f["p_clean"], abs=1e-4)
+
+
+@pytest.mark.slow
+@needs_shared_data
+def test_locate_on_the_real_model(tmp_path):
+    """Knowledge neurons of one fact SmolLM2 knows: found, in the model's 30 layers, each with a positive attribution."""
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--locate", "kn", "--model", "smollm2-135m", "--dataset", "counterfact", "--locate-facts", "1",
+                          "--locate-paraphrases", "1", "--output", str(out), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "r-locate-kn.json").read_text())
+    assert len(res["per_layer"]) == 30 and res["neurons"] > 0
+    assert all(0 <= l < 30 and score > 0 for l, _, score, _ in res["facts_found"][0]["neurons"])
 
 
 def train_args(tmp_path, *extra):

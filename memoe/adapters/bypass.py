@@ -53,12 +53,17 @@ class RoutingContext:
         self.history: dict[str, torch.Tensor] = {}  # name -> (B, T_so_far, ...) per-position values (cached generation)
         self.keep_history = False
 
-    def anchored(self, last_token_only: bool = False) -> torch.Tensor:
-        """(B, T) True where some anchor has ended at or before the position (``last_token_only``: at it)."""
-        if last_token_only:
-            here = self.offset + torch.arange(self.anchor_pos.shape[1], device=self.anchor_pos.device)
+    def anchored(self, scope: str = "after_anchor") -> torch.Tensor:
+        """(B, T) True at the positions of ``scope``: ``anchor``, an anchor's last token; ``after_anchor``, there and
+        every later position; ``relation``, only the later positions."""
+        if scope == "after_anchor":
+            return self.anchor_pos >= 0
+        here = self.offset + torch.arange(self.anchor_pos.shape[1], device=self.anchor_pos.device)
+        if scope == "anchor":
             return self.anchor_pos == here
-        return self.anchor_pos >= 0
+        if scope == "relation":
+            return (self.anchor_pos >= 0) & (self.anchor_pos != here)
+        raise ConfigError(f"unknown scope {scope!r}; choose anchor, after_anchor or relation")
 
     def with_history(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """``x`` (B, T, ...) preceded by the values of earlier decode steps (cached generation), else ``x``.

@@ -13,6 +13,13 @@ E_e(x) = W_e x (``rank: null``, W_e = 0 at start); the anchor embedding is the l
 last token (contextual, so ordered names like "Kalo Mira" / "Mira Kalo" differ); a token before any anchor
 has none; with ``gate_unanchored`` the bypass is exactly zero on tokens with no anchor (the locality lever);
 the load-balancing term is the Switch Transformer's E · Σ_e f_e P_e over anchored tokens.
+
+**Relation-aware form (ours, off by default)**: the paper's anchor decides both routing and scope, and the edit is
+written into the entity's representation, which the entity's other facts read too. ``scope: relation`` acts only
+on the tokens after the anchor (they ask for one fact and predict its answer), ``expert_input: anchor`` lets the
+experts read the anchor embedding there (the new fact belongs to the entity; the router, which sees the token,
+decides whether this token asks for it), and ``null_experts`` gives the router experts that output nothing, a
+learned "not this fact", trained with the subject's other relations as KL rows (``kl_other_relations``).
 """
 
 from __future__ import annotations
@@ -48,20 +55,30 @@ class MEMoEConfig:
     """Concatenate the anchor embedding to the router input (False: a plain token router, for ablation)."""
     gate_unanchored: bool = True
     """Output exactly the base FFN on tokens with no known anchor before them (the locality lever)."""
-    scope: str = field(default="anchor", metadata=bounds(choices=("anchor", "after_anchor")))
+    scope: str = field(default="anchor", metadata=bounds(choices=("anchor", "after_anchor", "relation")))
     """Anchored tokens: only each anchor's last token (the entity's representation is edited, as ROME's
-    subject-position edit), or that token and every token after it."""
+    subject-position edit), that token and every token after it, or (``relation``, ours) only the tokens after it:
+    they read the relation and predict the answer, and the entity's representation, which its other facts read,
+    is left as it was."""
+    expert_input: str = field(default="token", metadata=bounds(choices=("token", "anchor")))
+    """What the experts read: the token's own input x_t (the paper), or (ours) the anchor embedding a_t, so that with
+    ``scope: relation`` the entity's new fact is written at the tokens that ask for it while the router, which
+    sees the token, decides whether they ask for it."""
+    null_experts: int = field(default=0, metadata=bounds(0, 1024))
+    """Experts that output nothing (ours; 0 = the paper): the router can learn to send a token to them, a learned
+    "no edit here" (for the subject's other relations, with the ``kl_other_relations`` training rows)."""
     init_std: float = field(default=0.02, metadata=bounds(0.0))
     """Standard deviation of A_e and of the router weights at initialisation."""
 
 
 class MoELayer(BypassLayer):
-    """The experts and router of one layer. Shapes: x (B, T, H); A (E, r, H); B (E, H, r); W_r (E, 2H)."""
+    """The experts and router of one layer. Shapes: x (B, T, H); A (E, r, H); B (E, H, r); W_r (E + N, 2H) with
+    N null experts, whose gate weight is routed to no output."""
 
     def __init__(self, hidden: int, cfg: MEMoEConfig):
         super().__init__()
-        if cfg.top_k > cfg.num_experts:
-            raise ConfigError(f"top_k={cfg.top_k} exceeds num_experts={cfg.num_experts}")
+        if cfg.top_k > cfg.num_experts + cfg.null_experts:
+            raise ConfigError(f"top_k={cfg.top_k} exceeds num_experts + null_experts={cfg.num_experts + cfg.null_experts}")
         self.cfg = cfg
         E, r = cfg.num_experts, cfg.rank
         gen = torch.Generator().manual_seed(0)  # fixed init; training randomness comes from the seed
@@ -71,14 +88,14 @@ class MoELayer(BypassLayer):
             self.A = nn.Parameter(torch.randn(E, r, hidden, generator=gen) * cfg.init_std)
             self.B = nn.Parameter(torch.zeros(E, hidden, r))
         router_in = 2 * hidden if cfg.use_anchor else hidden
-        self.router = nn.Parameter(torch.randn(E, router_in, generator=gen) * cfg.init_std)
-        self.noise = nn.Parameter(torch.zeros(E, router_in))
+        self.router = nn.Parameter(torch.randn(E + cfg.null_experts, router_in, generator=gen) * cfg.init_std)
+        self.noise = nn.Parameter(torch.zeros(E + cfg.null_experts, router_in))
         self.aux_loss: torch.Tensor | None = None  # load-balancing loss of the last training forward
         self.last_gates: torch.Tensor | None = None  # (B, T, E) gate weights of the last forward (zeros off top-k)
         self.noise_generator: torch.Generator | None = None  # set by the trainer (seed_noise) for reproducible noise
 
     def gates(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, E) dense gate weights (softmax over the top-k, zero elsewhere) and (B, T, E) router probs."""
+        """(B, T, E + N) dense gate weights (softmax over the top-k, zero elsewhere) and (B, T, E + N) router probs."""
         inp = torch.cat([x, a], -1) if self.cfg.use_anchor else x
         logits = inp @ self.router.T  # (B, T, E)
         if self.training and self.cfg.router_noise > 0:
@@ -93,18 +110,21 @@ class MoELayer(BypassLayer):
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         xf = x.float()
-        a = ctx.anchor_inputs(self.key, xf) if self.cfg.use_anchor else None
-        g, probs = self.gates(xf, a)  # (B, T, E)
-        mask = ctx.anchored(self.cfg.scope == "anchor") if self.cfg.gate_unanchored else torch.ones_like(ctx.anchor_pos, dtype=torch.bool)
+        needs_anchor = self.cfg.use_anchor or self.cfg.expert_input == "anchor"
+        a = ctx.anchor_inputs(self.key, xf) if needs_anchor else None  # (B, T, H), read once (it keeps decode history)
+        g, probs = self.gates(xf, a)  # (B, T, E + N)
+        mask = ctx.anchored(self.cfg.scope) if self.cfg.gate_unanchored else torch.ones_like(ctx.anchor_pos, dtype=torch.bool)
         g = g * mask[..., None].to(g.dtype)
         self.last_gates = g.detach()
-        if self.cfg.rank is None:
-            y = torch.einsum("bte,eoh,bth->bto", g, self.W, xf)
-        else:
-            low = torch.einsum("bth,erh->bter", xf, self.A) * g[..., None]  # (B, T, E, r)
-            y = torch.einsum("bter,ehr->bth", low, self.B)  # (B, T, H)
         if self.training:
             self.aux_loss = self.balance_loss(g, probs, mask)
+        g = g[..., : self.cfg.num_experts]  # the null experts' share goes nowhere
+        src = xf if self.cfg.expert_input == "token" else a  # (B, T, H)
+        if self.cfg.rank is None:
+            y = torch.einsum("bte,eoh,bth->bto", g, self.W, src)
+        else:
+            low = torch.einsum("bth,erh->bter", src, self.A) * g[..., None]  # (B, T, E, r)
+            y = torch.einsum("bter,ehr->bth", low, self.B)  # (B, T, H)
         return out + (self.cfg.scale * y).to(out.dtype)
 
     def balance_loss(self, g: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

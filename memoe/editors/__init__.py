@@ -13,6 +13,7 @@ from memoe.editors.bypass import BypassEditor
 from memoe.editors.closed_form import EMMETEditor, MEMITEditor, ROMEEditor
 from memoe.editors.coachhook import CoachHooKEditor
 from memoe.editors.ft import FTConfig, FTEditor
+from memoe.editors.kn import KNEditor
 from memoe.editors.memoe import MEMoEEditor
 from memoe.errors import AdapterError, ConfigError, UnknownNameError
 from memoe.resources import editor_config_path
@@ -25,6 +26,7 @@ REGISTRY: dict[str, type[Editor]] = {
     EMMETEditor.name: EMMETEditor,
     MEMoEEditor.name: MEMoEEditor,
     CoachHooKEditor.name: CoachHooKEditor,
+    KNEditor.name: KNEditor,
 }
 
 

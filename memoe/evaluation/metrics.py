@@ -404,6 +404,13 @@ def subset(rs: RawScores, idx: list[int]) -> RawScores:
                      prefixed_true=one(rs.prefixed_true), probe_next=pick(rs.probe_next), perplexity=list(rs.perplexity))
 
 
+def fmt_metric(v: float | None) -> str:
+    """A metric's table cell: three decimals; a huge value (a broken model's perplexity) in scientific notation."""
+    if v is None:
+        return "–"
+    return f"{v:.3f}" if abs(v) < 1e6 else f"{v:.2e}"
+
+
 @dataclass
 class MetricsTable:
     """Rows of named metrics for Markdown output."""
@@ -416,5 +423,4 @@ class MetricsTable:
     def markdown(self, columns: tuple[str, ...] | None = None) -> str:
         cols = columns or tuple(k for k in METRIC_NAMES if any(m.get(k) is not None for _, m in self.rows))
         head = "| run | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
-        fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-        return head + "\n".join(f"| {label} | " + " | ".join(fmt(m.get(c)) for c in cols) + " |" for label, m in self.rows)
+        return head + "\n".join(f"| {label} | " + " | ".join(fmt_metric(m.get(c)) for c in cols) + " |" for label, m in self.rows)

@@ -5,7 +5,7 @@ Everything here reads the runs' typed fields (``editor``, ``mode``, ``batch_size
 
 from __future__ import annotations
 
-from memoe.evaluation.metrics import MetricsTable
+from memoe.evaluation.metrics import MetricsTable, fmt_metric
 
 #: Columns of the summary table and the metrics the plots show.
 TABLE_METRICS = ("cf_efficacy", "cf_paraphrase", "cf_neighbourhood", "cf_score", "reliability", "generality", "locality",
@@ -39,7 +39,7 @@ def summary_table(result: dict) -> str:
     cols = [m for m in TABLE_METRICS if any(headline(r).get(m) is not None for r in runs.values())]
     has_layer = any(r.get("layer") is not None for r in runs.values())
     head = ["editor", "mode", "batch"] + (["layer"] if has_layer else []) + cols + ["edits/s", "peak MiB"]
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"
+    fmt = fmt_metric
     pre = result["pre"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              "| " + " | ".join(["pre-edit", "–", "–"] + (["–"] if has_layer else []) + [fmt(pre.get(m)) for m in cols] + ["–", "–"]) + " |"]
@@ -53,7 +53,7 @@ def summary_table(result: dict) -> str:
              "(`current`) for the restoring modes.")
     best = winners(result, tuple(cols))
     if best:
-        text += "\n\nBest run per metric: " + "; ".join(f"{m} — {k} ({v:.3f})" for m, (k, v) in best.items()) + "."
+        text += "\n\nBest run per metric: " + "; ".join(f"{m} — {k} ({fmt_metric(v)})" for m, (k, v) in best.items()) + "."
     if result.get("skipped"):
         by_reason: dict[str, list[dict]] = {}
         for s in result["skipped"]:

@@ -1,7 +1,8 @@
 """Training rows for bypass adapters: edit requests teacher-forced, prompt tokens masked, anchors given.
 
 Each request gives one *edit row* per context prefix (the bare prompt plus each prefix: the prefix
-augmentation) whose loss is the new target's NLL, and one *KL row* per KL template ("{} is a") whose loss keeps
+augmentation; with ``same_relation_templates``, also under the batch's other templates of its relation) whose
+loss is the new target's NLL, and one *KL row* per KL template ("{} is a") whose loss keeps
 the base model's next-token distributions from the subject's last token on (with ``kl_other_relations``, also
 prompts of other relations in the batch filled with the request's subject: its other facts must stay, the
 same-subject locality). Every row carries its subject
@@ -45,12 +46,21 @@ def other_relation_templates(requests: list[EditRequest], i: int, k: int, rng: r
     return rng.sample(pool, min(k, len(pool)))
 
 
+def same_relation_templates(requests: list[EditRequest], i: int, k: int, rng: random.Random) -> list[str]:
+    """Up to ``k`` prompt templates of request i's relation that *other* requests among ``requests`` use."""
+    own = requests[i]
+    if not own.relation:
+        return []
+    pool = sorted({r.prompt for r in requests if r.relation == own.relation and r.prompt != own.prompt})
+    return rng.sample(pool, min(k, len(pool)))
+
+
 def build_rows(tok, requests: list[EditRequest], prefixes: list[str], kl_templates: list[str], seed: int = 0,
-               kl_other_relations: int = 0) -> list[Row]:
+               kl_other_relations: int = 0, same_relation: int = 0) -> list[Row]:
     rows: list[Row] = []
     rng = random.Random(seed)
     for i, r in enumerate(requests):
-        templates = prefixed(r.prompt, prefixes)
+        templates = prefixed(r.prompt, prefixes) + (same_relation_templates(requests, i, same_relation, rng) if same_relation else [])
         p_ids, t_ids = encode_pairs(tok, [t.replace("{}", r.subject) for t in templates], [r.target_new] * len(templates))
         for tpl, p, t in zip(templates, p_ids, t_ids):
             rows.append(Row(p + t, subject_span(tok, tpl, r.subject), "edit", len(t), i))
@@ -105,12 +115,12 @@ class EditDataModule(L.LightningDataModule):
     """Rows of a list of edit requests (plus replayed earlier requests), batched by global step."""
 
     def __init__(self, tok, requests: list[EditRequest], prefixes: list[str], kl_templates: list[str],
-                 batch_size: int = 64, seed: int = 0, kl_other_relations: int = 0):
+                 batch_size: int = 64, seed: int = 0, kl_other_relations: int = 0, same_relation: int = 0):
         super().__init__()
         if not requests:
             raise DataError("no edit requests to train on")
         self.tok, self.batch_size = tok, batch_size
-        self.rows = build_rows(tok, requests, prefixes, kl_templates, seed, kl_other_relations)
+        self.rows = build_rows(tok, requests, prefixes, kl_templates, seed, kl_other_relations, same_relation)
         self.num_requests = len(requests)
 
     def train_dataloader(self) -> DataLoader:

@@ -38,6 +38,9 @@ class TrainConfig(ContextOptions):
     kl_other_relations: int = field(default=0, metadata=bounds(0))
     """Per request, this many prompts of *other* relations in the batch, filled with its subject, join the KL rows
     (keeps the subject's other facts: same-subject locality)."""
+    same_relation_templates: int = field(default=0, metadata=bounds(0))
+    """Per request, this many prompt templates of the *same* relation used by other requests in the batch, filled
+    with its subject, join its edit rows (ours: the new fact under the batch's other wordings of the question)."""
     kl_factor: float = field(default=1.0, metadata=bounds(0.0))
     """Weight of the KL term (0: off)."""
     aux_factor: float = field(default=1e-2, metadata=bounds(0.0))

@@ -197,7 +197,8 @@ def fit_adapter(model, tok, adapter, requests, cfg: TrainConfig, opts: TrainerOp
         raise ValueError("attach the adapter to the model before training it")
     cfg = PrefixMemo().apply(model, tok, cfg)  # editors pass theirs resolved; train.py generates here
     torch.manual_seed(cfg.seed)
-    dm = EditDataModule(tok, requests, cfg.context_prefixes, cfg.kl_templates, cfg.batch_size, cfg.seed, cfg.kl_other_relations)
+    dm = EditDataModule(tok, requests, cfg.context_prefixes, cfg.kl_templates, cfg.batch_size, cfg.seed, cfg.kl_other_relations,
+                        cfg.same_relation_templates)
     module = AdapterTrainingModule(model, adapter, cfg)
     callbacks = [StopAtLoss(cfg.stop_loss)] if cfg.stop_loss > 0 else []
     resume = opts.resume

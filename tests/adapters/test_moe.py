@@ -80,11 +80,10 @@ def test_gate_off_inputs_get_exactly_the_base_output(base, tiny_testbed):
     assert not torch.equal(model(input_ids=ids, attention_mask=mask).logits[0], ref[0])
 
 
-def test_scope_anchor_edits_only_the_anchors_last_token(base, tiny_testbed):
-    model, tok = base
-    subj = tiny_testbed.dataset.records[0].request.subject
-    ids, mask = batch(tok, [f"{subj} lives in"])
-    a = make(model, tok, [subj], scope="anchor")
+def changed_positions(model, tok, subj, text, scope):
+    """Positions whose layer-1 MLP output a randomised adapter of ``scope`` changes, and the anchor's end."""
+    ids, mask = batch(tok, [text])
+    a = make(model, tok, [subj], scope=scope)
     randomise(a)
     seen = {}
     h = model.model.layers[1].mlp.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
@@ -94,7 +93,45 @@ def test_scope_anchor_edits_only_the_anchors_last_token(base, tiny_testbed):
     model(input_ids=ids, attention_mask=mask)
     h.remove()
     changed = (seen["out"] != plain).any(-1)[0].nonzero().flatten().tolist()
-    assert changed == [a.trie.find(ids[0].tolist())[0][1] - 1]
+    return changed, a.trie.find(ids[0].tolist())[0][1], ids.shape[1]
+
+
+def test_scope_anchor_edits_only_the_anchors_last_token(base, tiny_testbed):
+    subj = tiny_testbed.dataset.records[0].request.subject
+    changed, end, _ = changed_positions(*base, subj, f"{subj} lives in", "anchor")
+    assert changed == [end - 1]
+
+
+def test_scope_relation_edits_only_the_tokens_after_the_anchor(base, tiny_testbed):
+    subj = tiny_testbed.dataset.records[0].request.subject
+    changed, end, length = changed_positions(*base, subj, f"{subj} lives in the", "relation")
+    assert changed == list(range(end, length))  # the relation's tokens, not the subject's
+
+
+def test_null_experts_take_their_gate_share_to_no_output(base, tiny_testbed):
+    """A token routed only to null experts gets the base output bit for bit; half to a real expert, half the change."""
+    model, tok = base
+    subj = tiny_testbed.dataset.records[0].request.subject
+    ids, mask = batch(tok, [f"{subj} lives in"])
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    a = make(model, tok, [subj], num_experts=2, null_experts=2, top_k=2, scope="after_anchor")
+    randomise(a)
+    layer = a.layers["1"]
+    assert layer.router.shape[0] == 4 and layer.A.shape[0] == 2
+
+    def fixed(weights):
+        def gates(x, anchor):
+            g = torch.tensor(weights).expand(*x.shape[:2], 4)
+            return g, g
+        return gates
+
+    layer.gates = fixed([0.0, 0.0, 0.5, 0.5])
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
+    layer.gates = fixed([0.5, 0.0, 0.5, 0.0])
+    half = model(input_ids=ids, attention_mask=mask).logits
+    layer.gates = fixed([1.0, 0.0, 0.0, 0.0])
+    full = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(half, ref) and not torch.allclose(half, full)
 
 
 def test_save_then_attach_on_a_fresh_base_reproduces_logits(base, tiny_testbed, tmp_path):

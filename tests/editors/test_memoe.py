@@ -3,6 +3,7 @@ import copy
 import torch
 
 from memoe.adapters import attached
+from memoe.batching import target_nll
 from memoe.editors import make_editor
 from memoe.evaluation.harness import run_mode
 
@@ -50,3 +51,30 @@ def test_memoe_trains_under_generated_prefixes_made_once(tiny_testbed):
     assert editor.prefixes.resolve(model, tok, editor.config.train) == made and r2.info["rows"] == 3 * 4 + 3
     r2.restore()
     r1.restore()
+
+
+def test_relation_scope_routes_the_subjects_other_relations_to_null_experts(tiny_testbed):
+    """Trained with the subject's other relations as negatives, the relation-aware form sends the edited prompt to
+    real experts and the same subject under another relation to the null experts, whose answer stays."""
+    model = copy.deepcopy(tiny_testbed.model)
+    tok, recs = tiny_testbed.tokenizer, tiny_testbed.dataset.records[:8]
+    r, other = recs[0].request, recs[0].same_subject_prompts[0]
+    with torch.no_grad():
+        other_before = target_nll(model, tok, [other.prompt], [other.target]).item()
+    cfg = {"adapter": {"layers": [0], "num_experts": 4, "null_experts": 2, "rank": 16, "scope": "relation", "expert_input": "anchor"},
+           "train": {"lr": 0.02, "max_steps": 200, "kl_other_relations": 3}}
+    editor = make_editor("memoe", overrides=cfg)
+    editor.apply(model, tok, [x.request for x in recs])
+    layer = editor.adapter(model).layers["0"]
+
+    def real_share_at_last(text):  # gate weight on the 4 real experts at the prompt's last token
+        with torch.no_grad():
+            model(input_ids=torch.tensor([tok(text)["input_ids"]]))
+        return layer.last_gates[0, -1, :4].sum().item()
+
+    assert real_share_at_last(other.prompt) < real_share_at_last(r.text) - 0.3  # same subject, two relations, two routes
+    with torch.no_grad():
+        new, true = target_nll(model, tok, [r.text, r.text], [r.target_new, r.target_true]).tolist()
+        other_after = target_nll(model, tok, [other.prompt], [other.target]).item()
+    assert new < true  # the edit holds
+    assert other_after < other_before + 0.1  # the subject's other fact stays

@@ -196,3 +196,9 @@ def test_shared_subject_batch_scores_only_edits_whose_subject_shares_their_batch
     # batches [0, 1, 2] and [3, 4, 5]: Ada twice in the first (one of two won), Cy twice in the second (both won)
     assert shared_subject_batch(rs, recs, [range(0, 3), range(3, 6)]) == 0.75
     assert shared_subject_batch(rs, recs, [range(i, i + 1) for i in range(6)]) is None  # single edits share nothing
+
+
+def test_table_cells_show_three_decimals_and_huge_values_in_scientific_notation():
+    from memoe.evaluation.metrics import fmt_metric
+
+    assert (fmt_metric(None), fmt_metric(0.5), fmt_metric(-0.0625), fmt_metric(7.1e43)) == ("–", "0.500", "-0.062", "7.10e+43")

@@ -94,3 +94,21 @@ def test_other_relation_kl_rows_use_the_requests_subject(tiny_testbed):
         assert tok.decode(r.ids[r.span[0] : r.span[1]]).strip() == req.subject
         assert text != req.text and not any(o.relation == req.relation and o.text == text for o in reqs)
     assert len([r for r in build_rows(tok, reqs, [], [], seed=0) if r.kind == "kl"]) == 0
+
+
+def test_same_relation_rows_ask_the_requests_fact_in_the_batchs_other_wordings(tiny_testbed):
+    tok = tiny_testbed.tokenizer
+    reqs = [r.request for r in tiny_testbed.dataset.records[:40]]
+    plain = [r for r in build_rows(tok, reqs, [], [], seed=0) if r.kind == "edit"]
+    rows = [r for r in build_rows(tok, reqs, [], [], seed=0, same_relation=2) if r.kind == "edit"]
+    assert len(plain) == len(reqs) < len(rows) <= 3 * len(reqs)
+    extra = 0
+    for r in rows:
+        req = reqs[r.request]
+        prompt = tok.decode(r.ids[: len(r.ids) - r.n_target], skip_special_tokens=True)
+        assert tok.decode(r.ids[r.span[0]: r.span[1]]).strip() == req.subject
+        assert tok.decode(r.ids[len(r.ids) - r.n_target:]).strip() == req.target_new
+        if prompt != req.text:  # an added row: a template another request of the same relation uses
+            extra += 1
+            assert any(o.relation == req.relation and o.prompt.replace("{}", req.subject) == prompt for o in reqs)
+    assert extra == len(rows) - len(reqs)
