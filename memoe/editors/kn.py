@@ -62,7 +62,7 @@ class KNEditor(WeightEditor):
         cfg: KNConfig = self.prefixes.apply(model, tok, self.config)
         parts = model_parts(model)
         layers = sorted({parts.check_layer(l) for l in cfg.layers}) or list(range(parts.num_layers))
-        emb = model.get_output_embeddings().weight.detach().float()  # (V, H)
+        emb = model.get_output_embeddings().weight.detach()  # (V, H); only two rows per request are read
         changes: dict[int, torch.Tensor] = {}  # layer -> (H, I) change of the down-projection, (out, in)
         per_layer: dict[int, int] = {}
         counts, p_old = [], []
@@ -72,7 +72,7 @@ class KNEditor(WeightEditor):
             new = answer_token(tok, r.target_new)
             found = knowledge_neurons(model, tok, prompts, old, layers, cfg)
             neurons = found.neurons[: cfg.max_neurons] if cfg.max_neurons else found.neurons
-            change = cfg.write_scale * emb[new] - cfg.erase_scale * emb[old]  # (H,)
+            change = cfg.write_scale * emb[new].float() - cfg.erase_scale * emb[old].float()  # (H,)
             for layer, i, _, activation in neurons:
                 w = parts.down_proj_weight(layer)
                 sign = 1.0 if activation >= 0 else -1.0  # the neuron adds activation x value vector

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from memoe.editors import REGISTRY
 from memoe.evaluation.harness import describe_machine
-from memoe.evaluation.metrics import MetricsTable
+from memoe.evaluation.metrics import MetricsTable, fmt_metric
 from memoe.evaluation.tables import headline, metrics_table, run_label, summary_table
 from memoe.io import write_text
 
@@ -110,7 +110,7 @@ def methods_section(result: dict) -> str:
     rows = []
     for name, cls in REGISTRY.items():
         got = {r["mode"]: headline(r).get("cf_score") for r in runs if r["editor"] == name and r["batch_size"] == sizes[-1]}
-        cell = lambda mode, got=got: "–" if got.get(mode) is None else f"{got[mode]:.3f}"
+        cell = lambda mode, got=got: fmt_metric(got.get(mode))
         rows.append(f"| `{name}` | {cls.summary} | {cls.paper} | {cell('batch')} | {cell('sequential-batch')} |")
     d = result["dataset"]
     return (head + "\n" + "\n".join(rows) + f"\n\nFigures: study `{result['name']}` on the {d['name']} testbed, "

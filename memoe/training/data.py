@@ -39,19 +39,14 @@ class Row:
     request: int = 0
 
 
-def other_relation_templates(requests: list[EditRequest], i: int, k: int, rng: random.Random) -> list[str]:
-    """Up to ``k`` prompt templates of *other* relations among ``requests`` (to fill with request i's subject)."""
+def relation_templates(requests: list[EditRequest], i: int, k: int, rng: random.Random, same: bool) -> list[str]:
+    """Up to ``k`` prompt templates that other requests among ``requests`` use, of request i's own relation
+    (``same``) or of other relations, to fill with request i's subject."""
     own = requests[i]
-    pool = sorted({r.prompt for r in requests if r.prompt != own.prompt and (not own.relation or r.relation != own.relation)})
-    return rng.sample(pool, min(k, len(pool)))
-
-
-def same_relation_templates(requests: list[EditRequest], i: int, k: int, rng: random.Random) -> list[str]:
-    """Up to ``k`` prompt templates of request i's relation that *other* requests among ``requests`` use."""
-    own = requests[i]
-    if not own.relation:
+    if same and not own.relation:
         return []
-    pool = sorted({r.prompt for r in requests if r.relation == own.relation and r.prompt != own.prompt})
+    wanted = (lambda r: r.relation == own.relation) if same else (lambda r: not own.relation or r.relation != own.relation)
+    pool = sorted({r.prompt for r in requests if r.prompt != own.prompt and wanted(r)})
     return rng.sample(pool, min(k, len(pool)))
 
 
@@ -60,11 +55,11 @@ def build_rows(tok, requests: list[EditRequest], prefixes: list[str], kl_templat
     rows: list[Row] = []
     rng = random.Random(seed)
     for i, r in enumerate(requests):
-        templates = prefixed(r.prompt, prefixes) + (same_relation_templates(requests, i, same_relation, rng) if same_relation else [])
+        templates = prefixed(r.prompt, prefixes) + relation_templates(requests, i, same_relation, rng, same=True)
         p_ids, t_ids = encode_pairs(tok, [t.replace("{}", r.subject) for t in templates], [r.target_new] * len(templates))
         for tpl, p, t in zip(templates, p_ids, t_ids):
             rows.append(Row(p + t, subject_span(tok, tpl, r.subject), "edit", len(t), i))
-        for tpl in kl_templates + other_relation_templates(requests, i, kl_other_relations, rng):
+        for tpl in kl_templates + relation_templates(requests, i, kl_other_relations, rng, same=False):
             ids = tok(tpl.replace("{}", r.subject), add_special_tokens=True)["input_ids"]
             rows.append(Row(ids, subject_span(tok, tpl, r.subject), "kl", 0, i))
     rng.shuffle(rows)
