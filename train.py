@@ -4,6 +4,7 @@
     python train.py --dataset counterfact --num-edits 100 --output-dir runs/cf-adapter
     python train.py --strategy ddp --devices 2 --accelerator cpu          # two processes (DDP)
     python train.py --checkpoint-dir runs/ckpt --checkpoint-every 50      # then: --resume last
+    python train.py --align --model smollm2-135m      # LTE's alignment phase: the LoRA the lte editor uses
     python train.py --model /path/to/Meta-Llama-3-8B --dtype bfloat16 --dataset counterfact \\
         --editor-config configs/editors/memoe-llama3-8b.yaml --precision bf16-mixed
 
@@ -26,12 +27,16 @@ import torch
 
 from memoe.cli import add_options, overrides, run_cli
 from memoe.config import bounds, from_dict
+from memoe.data import load_edit_dataset
 from memoe.editors import make_editor
+from memoe.errors import ConfigError
+from memoe.evaluation.generation import greedy_answers
 from memoe.evaluation.metrics import MetricsTable, compute_metrics, raw_scores
 from memoe.experiment import Job, load_subject
 from memoe.io import write_json
 from memoe.testbed import format_report
 from memoe.training import TrainerOptions
+from memoe.training.alignment import AlignConfig, alignment_rows, fit_alignment, save_alignment
 
 
 @dataclass
@@ -46,6 +51,10 @@ class TrainJob(Job):
     """Override the config's maximum training steps."""
     trainer: TrainerOptions = field(default_factory=lambda: TrainerOptions(logger="csv", log_dir="runs/logs"))
     """Lightning Trainer options (accelerator, devices, strategy, precision, logger, checkpoints, resume)."""
+    align: bool = False
+    """Run LTE's alignment phase instead: train the LoRA that the ``lte`` editor attaches (``--align-*`` options)."""
+    align_options: AlignConfig = field(default_factory=AlignConfig, metadata={"cli_prefix": "align-"})
+    """LTE's alignment phase: its data sources, row mix, LoRA shape and training."""
 
 
 def parser() -> tuple[argparse.ArgumentParser, list]:
@@ -57,6 +66,8 @@ def run(argv: list[str] | None = None) -> int:
     p, opts = parser()
     job = from_dict(TrainJob, overrides(p.parse_args(argv), opts))
     job.trainer.progress = job.progress
+    if job.align:
+        return align(job)
     editor = make_editor("memoe", job.editor_config, {"train": {"seed": job.edits.seed, "max_steps": job.max_steps}},
                          job.edits.config_key())
     editor.config.trainer = job.trainer
@@ -95,6 +106,39 @@ def run(argv: list[str] | None = None) -> int:
     print(table.markdown())
     print(f"\ntrained {len(records)} edits in {seconds:.1f} s ({result['train']['edits_per_second']} edits/s, "
           f"{info['steps']} steps, {info['devices']} device(s)); adapter saved to {out}")
+    return 0
+
+
+def source_records(spec: str, data_path: str | None = None) -> list:
+    """The records of one ``dataset:start:stop`` alignment source."""
+    try:
+        name, start, stop = spec.rsplit(":", 2)
+        start, stop = int(start), int(stop)
+    except ValueError:
+        raise ConfigError(f"--align-source {spec!r}: expected dataset:start:stop, e.g. counterfact-easyedit:1000:1400") from None
+    if not 0 <= start < stop:
+        raise ConfigError(f"--align-source {spec!r}: need 0 <= start < stop")
+    return load_edit_dataset(name, data_path, limit=stop, bad_records="skip").records[start:stop]
+
+
+def align(job: TrainJob) -> int:
+    """LTE's alignment phase on the job's model: build the parallel dataset, train the LoRA, save it."""
+    cfg = job.align_options
+    subject = load_subject(job.edits, job.progress)
+    model, tok = subject.model, subject.tok
+    records = [r for spec in cfg.sources for r in source_records(spec)]
+    print(f"alignment data: {len(records)} records from {', '.join(cfg.sources)}; answering out-of-scope and plain "
+          "queries with the unedited model ...", flush=True)
+    rows = alignment_rows(records, cfg, lambda qs: greedy_answers(model, tok, qs, cfg.answer_tokens))
+    info = fit_alignment(model, tok, rows, cfg, job.trainer)
+    if not info["global_zero"]:
+        return 0
+    out = Path(cfg.output_dir)
+    save_alignment(model, cfg, out)
+    write_json(out / "alignment.json", {"options": asdict(job), "train": info, "peak_rss_mb": _peak_rss_mb()})
+    print(f"aligned on {info['rows']} rows {info['rows_by_kind']} in {info['seconds']:.1f} s ({info['steps']} steps; loss "
+          f"{info['first_loss']:.3f} -> {info['last_loss']:.3f}); LoRA saved to {out}: set `lora: {out}` in the lte "
+          "editor's config")
     return 0
 
 

@@ -62,6 +62,29 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+_PROMPT_CONTEXT = "_memoe_prompt_context"  # model.__dict__ key: a function prompts -> prompts, or absent
+
+
+def set_prompt_context(model: nn.Module, fn) -> None:
+    """Make every prompt memoe scores or generates from on ``model`` pass through ``fn`` (list of prompts -> list of
+    prompts) first: how an in-context editor (LTE) puts its retrieved edits before a query. ``None`` removes it."""
+    if fn is None:
+        model.__dict__.pop(_PROMPT_CONTEXT, None)
+    else:
+        model.__dict__[_PROMPT_CONTEXT] = fn
+
+
+def in_context(model: nn.Module, prompts: list[str]) -> list[str]:
+    """``prompts`` as the model is queried with them: through its prompt context if one is set, else unchanged."""
+    fn = model.__dict__.get(_PROMPT_CONTEXT)
+    if fn is None or not prompts:
+        return list(prompts)
+    out = list(fn(list(prompts)))
+    if len(out) != len(prompts):
+        raise ValueError(f"prompt context returned {len(out)} prompts for {len(prompts)}")
+    return out
+
+
 def final_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T, H) hidden states after the final norm, without computing logits for every position."""
     return model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -348,3 +348,22 @@ def test_command_line_options_come_from_the_dataclasses():
     job = train.from_dict(train.TrainJob, overrides(p.parse_args(["--accelerator", "cpu", "--num-edits", "5"]), opts))
     assert job.trainer.accelerator == "cpu" and job.trainer.logger == "csv"  # the job's own trainer defaults stay
     assert job.edits.num_edits == 5
+
+
+def test_train_align_saves_the_lora_the_lte_editor_attaches(cache, tmp_path, capsys, tiny_testbed):
+    from memoe.adapters.lora import lora_layers
+    from memoe.editors import make_editor
+
+    args = ["--align", "--testbed-config", TINY, "--num-edits", "6", "--align-source", "synthetic:40:60", "--align-max-steps", "3",
+            "--align-batch-size", "4", "--align-output-dir", str(tmp_path / "lora"), "--no-progress", "--log-dir", str(tmp_path / "logs")]
+    assert train.main(args) == 0
+    assert "aligned on" in capsys.readouterr().out
+    info = json.loads((tmp_path / "lora" / "alignment.json").read_text())["train"]
+    assert info["steps"] == 3 and set(info["rows_by_kind"]) == {"in-scope", "out-of-scope", "plain"}
+    tb = tiny_testbed
+    result = make_editor("lte", overrides={"lora": str(tmp_path / "lora")}).apply(tb.model, tb.tokenizer, [tb.dataset[0].request])
+    assert len(lora_layers(tb.model)) == 3 * tb.model.config.num_hidden_layers
+    result.restore()
+    assert not lora_layers(tb.model)
+    assert train.main([*args[:6], "synthetic:40", *args[7:]]) == 2
+    assert "--align-source 'synthetic:40': expected dataset:start:stop" in capsys.readouterr().err

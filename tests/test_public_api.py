@@ -12,5 +12,5 @@ def test_top_level_api_edits_and_restores(tiny_testbed):
     assert isinstance(result, memoe.EditResult) and result.deltas
     result.restore()
     assert all(torch.equal(before[k], v) for k, v in tb.model.state_dict().items())
-    assert set(memoe.REGISTRY) == {"ft", "rome", "memit", "emmet", "memoe", "coachhook", "kn"}
+    assert set(memoe.REGISTRY) == {"ft", "rome", "memit", "emmet", "memoe", "coachhook", "kn", "lte"}
     assert callable(memoe.attach) and callable(memoe.detach) and callable(memoe.load_adapter)

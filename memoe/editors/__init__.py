@@ -14,6 +14,7 @@ from memoe.editors.closed_form import EMMETEditor, MEMITEditor, ROMEEditor
 from memoe.editors.coachhook import CoachHooKEditor
 from memoe.editors.ft import FTConfig, FTEditor
 from memoe.editors.kn import KNEditor
+from memoe.editors.lte import LTEEditor
 from memoe.editors.memoe import MEMoEEditor
 from memoe.errors import AdapterError, ConfigError, UnknownNameError
 from memoe.resources import editor_config_path
@@ -27,6 +28,7 @@ REGISTRY: dict[str, type[Editor]] = {
     MEMoEEditor.name: MEMoEEditor,
     CoachHooKEditor.name: CoachHooKEditor,
     KNEditor.name: KNEditor,
+    LTEEditor.name: LTEEditor,
 }
 
 

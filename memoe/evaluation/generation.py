@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from memoe.batching import model_device
+from memoe.batching import in_context, model_device
 
 STOPS = (".", "\n")
 #: What a result file says about how answers were generated and compared.
@@ -79,6 +79,7 @@ def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int = 50, bat
     length are batched together (left padding, so every row's next token is at the same position)."""
     if not prompts:
         return []
+    prompts = in_context(model, prompts)  # an in-context editor's retrieved edits first
     stop_ids = _stop_ids(tok)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: dict[int, str] = {}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from memoe.batching import encode_pairs, final_hidden, model_device, pad_batch, target_index, warn_if_too_long
+from memoe.batching import encode_pairs, final_hidden, in_context, model_device, pad_batch, target_index, warn_if_too_long
 
 
 @dataclass
@@ -43,7 +43,7 @@ def score_pairs(model: nn.Module, tok, prompts: list[str], targets: list[str], b
     out = PairScores([], [], [], [])
     if not prompts:
         return out
-    p_ids, t_ids = encode_pairs(tok, prompts, targets)
+    p_ids, t_ids = encode_pairs(tok, in_context(model, prompts), targets)  # an in-context editor's retrieved edits first
     warn_if_too_long(model, [p + t for p, t in zip(p_ids, t_ids)], "scored prompts (with their targets)")
     device, head = model_device(model), model.get_output_embeddings()
     # Longest first: batches of similar length waste less padding.

@@ -172,13 +172,13 @@ def make_trainer(opts: TrainerOptions, model, max_steps: int, callbacks: list[Ca
 
 
 @contextlib.contextmanager
-def _quiet(on: bool):
+def quiet(on: bool):
     """Silence Lightning's banners (device summary, tips) and its known-harmless warnings."""
     names = ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero")
     levels = [logging.getLogger(n).level for n in names]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(does not have many workers|GPU available but not used|LeafSpec|"
-                                "TPU available|tensorboardX|Checkpoint directory|sync_dist).*")
+                                "TPU available|tensorboardX|Checkpoint directory|sync_dist|module.s. in eval mode).*")
         if on:
             for n in names:
                 logging.getLogger(n).setLevel(logging.WARNING)
@@ -187,6 +187,17 @@ def _quiet(on: bool):
         finally:
             for n, lv in zip(names, levels):
                 logging.getLogger(n).setLevel(lv)
+
+
+def resume_path(opts: TrainerOptions) -> str | None:
+    """The checkpoint ``opts.resume`` names (``last``: the last one in ``checkpoint_dir``), checked to exist."""
+    resume = opts.resume
+    if resume == "last" and opts.checkpoint_dir:
+        resume = str(Path(opts.checkpoint_dir) / "last.json")
+    if resume is not None and not Path(resume).is_file():
+        raise MissingFileError(f"--resume {opts.resume}: no checkpoint at {resume}"
+                                + ("" if opts.checkpoint_dir or opts.resume != "last" else " (give --checkpoint-dir)"))
+    return resume
 
 
 def fit_adapter(model, tok, adapter, requests, cfg: TrainConfig, opts: TrainerOptions | None = None) -> dict:
@@ -201,14 +212,9 @@ def fit_adapter(model, tok, adapter, requests, cfg: TrainConfig, opts: TrainerOp
                         cfg.same_relation_templates)
     module = AdapterTrainingModule(model, adapter, cfg)
     callbacks = [StopAtLoss(cfg.stop_loss)] if cfg.stop_loss > 0 else []
-    resume = opts.resume
-    if resume == "last" and opts.checkpoint_dir:
-        resume = str(Path(opts.checkpoint_dir) / "last.json")
-    if resume is not None and not Path(resume).is_file():
-        raise MissingFileError(f"--resume {opts.resume}: no checkpoint at {resume}"
-                                + ("" if opts.checkpoint_dir or opts.resume != "last" else " (give --checkpoint-dir)"))
+    resume = resume_path(opts)
     t0 = time.perf_counter()
-    with _quiet(not opts.progress):
+    with quiet(not opts.progress):
         trainer = make_trainer(opts, model, cfg.max_steps, callbacks)
         trainer.fit(module, datamodule=dm, ckpt_path=resume)
     adapter.to(next(model.parameters()).device).eval()  # Lightning's teardown moves the module to the CPU

@@ -58,3 +58,36 @@ def test_lora_round_trip(name, extra, tiny_testbed, tmp_path):
     restored = peft_model.unload()
     assert all(torch.equal(original[k], v) for k, v in restored.state_dict().items())
     assert torch.equal(restored(ids).logits, tb.model(ids).logits)
+
+
+def test_inject_and_remove_lora_give_the_model_back_bit_for_bit(tiny_testbed):
+    from memoe.adapters.lora import inject_lora, lora_layers, remove_lora
+    from memoe.training.alignment import AlignConfig, lora_config
+
+    model = tiny_testbed.model
+    model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)  # a flag inject_lora's freezing must not lose
+    names, flags = list(model.state_dict()), {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([tiny_testbed.tokenizer("Meli Sugi plays the")["input_ids"]])
+    probe = model(ids).logits
+    layers = inject_lora(model, lora_config(AlignConfig()))
+    assert len(layers) == 3 * model.config.num_hidden_layers and torch.equal(model(ids).logits, probe)  # B = 0
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B["default"].weight.fill_(0.1)
+    assert not torch.allclose(model(ids).logits, probe)
+    remove_lora(model)
+    assert not lora_layers(model) and list(model.state_dict()) == names and not hasattr(model, "peft_config")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(model(ids).logits, probe)
+
+
+def test_lora_target_modules_that_do_not_exist_are_named(tiny_testbed):
+    from memoe.adapters.lora import inject_lora, lora_layers
+    from memoe.config import ConfigError
+    from memoe.training.alignment import AlignConfig, lora_config
+
+    with pytest.raises(ConfigError, match="nope_proj"):
+        inject_lora(tiny_testbed.model, lora_config(AlignConfig(target_modules=["nope_proj"])))
+    assert not lora_layers(tiny_testbed.model)

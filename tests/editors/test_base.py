@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from memoe.batching import in_context
 from memoe.config import ConfigError
 from memoe.data import EditRequest, RecordError
 from memoe.editors import REGISTRY, make_editor
@@ -12,7 +13,8 @@ def snapshot(model):
 
 
 def logits(tb, text):
-    ids = torch.tensor([tb.tokenizer(text)["input_ids"]])
+    """The model's logits for ``text`` as memoe queries it (after an in-context editor's retrieved edits, if any)."""
+    ids = torch.tensor([tb.tokenizer(in_context(tb.model, [text])[0])["input_ids"]])
     return tb.model(ids).logits
 
 
