@@ -367,3 +367,20 @@ def test_train_align_saves_the_lora_the_lte_editor_attaches(cache, tmp_path, cap
     assert not lora_layers(tb.model)
     assert train.main([*args[:6], "synthetic:40", *args[7:]]) == 2
     assert "--align-source 'synthetic:40': expected dataset:start:stop" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_align_with_ddp_on_two_cpu_processes(cache, tmp_path):
+    """LTE's alignment through the same distributed path as the adapters: Lightning launches a second process."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "MEMOE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    args = ["--align", "--testbed-config", TINY, "--num-edits", "6", "--strategy", "ddp", "--devices", "2", "--accelerator", "cpu",
+            "--align-source", "synthetic:40:60", "--align-max-steps", "3", "--align-batch-size", "4",
+            "--align-output-dir", str(tmp_path / "lora"), "--no-progress", "--log-dir", str(tmp_path / "logs")]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((tmp_path / "lora" / "alignment.json").read_text())["train"]
+    assert info["devices"] == 2 and info["strategy"] == "DDPStrategy" and info["steps"] == 3
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()

@@ -168,7 +168,8 @@ class AlignmentModule(L.LightningModule):
 
 def fit_alignment(model, tok, rows: list[AlignRow], cfg: AlignConfig, opts: TrainerOptions | None = None) -> dict:
     """Attach a zero-initialised LoRA to ``model`` (in place, :func:`memoe.adapters.lora.inject_lora`) and train it on
-    ``rows``; returns steps, seconds, rows per kind and the first and last logged loss."""
+    ``rows``; returns steps, seconds, rows per kind, the first and last logged loss, the devices and strategy, and
+    whether this process is the global rank zero (DDP)."""
     opts = opts or TrainerOptions()
     if not rows:
         raise DataError("no alignment rows to train on")
@@ -203,7 +204,7 @@ def fit_alignment(model, tok, rows: list[AlignRow], cfg: AlignConfig, opts: Trai
     kinds = {k: sum(r.kind == k for r in rows) for k in ("in-scope", "out-of-scope", "plain")}
     return {"steps": trainer.global_step, "seconds": time.perf_counter() - t0, "rows": len(rows), "rows_by_kind": kinds,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "global_zero": trainer.is_global_zero}
+            "devices": trainer.num_devices, "strategy": type(trainer.strategy).__name__, "global_zero": trainer.is_global_zero}
 
 
 def save_alignment(model, cfg: AlignConfig, path: str | Path) -> Path:
