@@ -109,7 +109,7 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def source_records(spec: str, data_path: str | None = None) -> list:
+def source_records(spec: str) -> list:
     """The records of one ``dataset:start:stop`` alignment source."""
     try:
         name, start, stop = spec.rsplit(":", 2)
@@ -118,7 +118,7 @@ def source_records(spec: str, data_path: str | None = None) -> list:
         raise ConfigError(f"--align-source {spec!r}: expected dataset:start:stop, e.g. counterfact-easyedit:1000:1400") from None
     if not 0 <= start < stop:
         raise ConfigError(f"--align-source {spec!r}: need 0 <= start < stop")
-    return load_edit_dataset(name, data_path, limit=stop, bad_records="skip").records[start:stop]
+    return load_edit_dataset(name, limit=stop, bad_records="skip").records[start:stop]
 
 
 def align(job: TrainJob) -> int:

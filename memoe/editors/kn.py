@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memoe.batching import model_device
+from memoe.batching import final_hidden, model_device
 from memoe.config import bounds
 from memoe.contexts import ContextOptions, prefixed
 from memoe.data.records import EditRequest
@@ -49,7 +49,8 @@ class KNConfig(KNOptions, ContextOptions, EditorConfig):
 @torch.no_grad()
 def greedy_token(model, tok, text: str) -> int:
     ids = torch.tensor([tok(text, add_special_tokens=True)["input_ids"]], device=model_device(model))
-    return model(input_ids=ids).logits[0, -1].argmax().item()
+    hidden = final_hidden(model, ids, torch.ones_like(ids))  # (1, T, H): the LM head runs at the last position only
+    return model.get_output_embeddings()(hidden[0, -1]).argmax().item()
 
 
 class KNEditor(WeightEditor):

@@ -91,8 +91,10 @@ class LTEMemory:
 
     def retrieve(self, prompts: list[str]) -> list[list[str]]:
         """The statements put before each prompt."""
-        hits = self.index.search(self.encoder.encode(prompts), self.config.top_k, self.config.threshold)
-        return [[self.index.texts[i] for i in h] for h in hits]
+        unique = list(dict.fromkeys(prompts))  # scoring asks each prompt with both targets: encode it once
+        hits = self.index.search(self.encoder.encode(unique), self.config.top_k, self.config.threshold)
+        found = {p: [self.index.texts[i] for i in h] for p, h in zip(unique, hits)}
+        return [found[p] for p in prompts]
 
     def contextualise(self, prompts: list[str]) -> list[str]:
         return [in_context_prompt(p, facts) for p, facts in zip(prompts, self.retrieve(prompts))]
