@@ -1,16 +1,20 @@
-"""The main job: train a MEMoE adapter on edit requests with Lightning, save it, and score it beside the base.
+"""The main job: train a MEMoE adapter on edit requests with Lightning, save it, attach it to a freshly loaded base
+and score it beside the unedited model and beside MEMIT on the same edits.
 
-    python train.py                                   # 100 synthetic edits, default testbed, adapter -> runs/memoe-adapter
-    python train.py --dataset counterfact --num-edits 100 --output-dir runs/cf-adapter
+    python train.py                                   # SmolLM2-135M, 100 real CounterFact edits (shipped), adapter -> runs/memoe-adapter
+    python train.py --model testbed --dataset synthetic   # the synthetic knowledge testbed (built on first use)
+    python train.py --model testbed --dataset counterfact --num-edits 100 --output-dir runs/cf-adapter
     python train.py --strategy ddp --devices 2 --accelerator cpu          # two processes (DDP)
     python train.py --checkpoint-dir runs/ckpt --checkpoint-every 50      # then: --resume last
     python train.py --align --model smollm2-135m      # LTE's alignment phase: the LoRA the lte editor uses
     python train.py --model /path/to/Meta-Llama-3-8B --dtype bfloat16 --dataset counterfact \\
         --editor-config configs/editors/memoe-llama3-8b.yaml --precision bf16-mixed
 
-On the first run the testbed is pretrained (a few minutes on 2 CPU cores) and cached under ``.cache/memoe``.
-The adapter folder holds ``adapter_config.json`` + ``adapter_model.safetensors``: attach it to any loaded base
-with ``memoe.attach(model, path)``. The table compares the base with the adapter, gate on and off.
+On the first run the model is converted from its GGUF file (a testbed: pretrained, a few minutes on 2 CPU cores)
+and cached under ``.cache/memoe``, as are MEMIT's covariance statistics. The adapter folder holds
+``adapter_config.json`` + ``adapter_model.safetensors``: attach it to any loaded base with ``memoe.attach(model,
+path)``. The table compares the base, the adapter (gate on and off) and the ``--compare`` editors (teacher-forced
+CounterFact metrics; evaluate.py gives the full protocol).
 Every option is documented in docs/cli.md.
 """
 
@@ -20,19 +24,21 @@ import argparse
 import os
 import resource
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from memoe.adapters.bypass import detach
 from memoe.cli import add_options, overrides, run_cli
 from memoe.config import bounds, from_dict
 from memoe.data import load_edit_dataset
-from memoe.editors import make_editor
+from memoe.editors import attach, make_editor
 from memoe.errors import ConfigError
 from memoe.evaluation.generation import greedy_answers
 from memoe.evaluation.metrics import MetricsTable, compute_metrics, raw_scores
-from memoe.experiment import Job, load_subject
+from memoe.experiment import EditTarget, Job, load_subject
 from memoe.io import write_json
 from memoe.testbed import format_report
 from memoe.training import TrainerOptions
@@ -43,6 +49,8 @@ from memoe.training.alignment import AlignConfig, alignment_rows, fit_alignment,
 class TrainJob(Job):
     """Options of ``train.py``: the edits (as for ``evaluate.py``), the MEMoE config and the Lightning Trainer."""
 
+    edits: EditTarget = field(default_factory=lambda: EditTarget(dataset="counterfact-sample", model="smollm2-135m"))
+    """What is edited (default: SmolLM2-135M-Instruct, the first 100 of the CounterFact records memoe ships)."""
     editor_config: str | None = None
     """MEMoE editor YAML (adapter shape, training; default: the shipped memoe config for the model)."""
     output_dir: str = "runs/memoe-adapter"
@@ -51,6 +59,9 @@ class TrainJob(Job):
     """Override the config's maximum training steps."""
     trainer: TrainerOptions = field(default_factory=lambda: TrainerOptions(logger="csv", log_dir="runs/logs"))
     """Lightning Trainer options (accelerator, devices, strategy, precision, logger, checkpoints, resume)."""
+    compare: list[str] = field(default_factory=lambda: ["memit"])
+    """Editors applied to the same edits as one batch (their shipped config for the model), each scored beside the
+    adapter and then undone; ``none``: no comparison."""
     align: bool = False
     """Run LTE's alignment phase instead: train the LoRA that the ``lte`` editor attaches (``--align-*`` options)."""
     align_options: AlignConfig = field(default_factory=AlignConfig, metadata={"cli_prefix": "align-"})
@@ -71,6 +82,9 @@ def run(argv: list[str] | None = None) -> int:
     editor = make_editor("memoe", job.editor_config, {"train": {"seed": job.edits.seed, "max_steps": job.max_steps}},
                          job.edits.config_key())
     editor.config.trainer = job.trainer
+    compare = [] if job.compare == ["none"] else job.compare
+    comparisons = [make_editor(name, None, None, job.edits.config_key()) for name in compare]  # config errors first
+    t_start = time.perf_counter()
     subject = load_subject(job.edits, job.progress)
     model, tok, ds, tb = subject.model, subject.tok, subject.dataset, subject.testbed
     records = ds.records
@@ -78,34 +92,51 @@ def run(argv: list[str] | None = None) -> int:
     if tb is not None and rank0:
         print(format_report(tb.report))
         print(f"(cached at {tb.path})\n")
+    if rank0:
+        print(f"{len(records)} edits from {ds.name} ({ds.source}) on {job.edits.model or 'the testbed'}; scoring the "
+              "unedited model ...", flush=True)
     pre = raw_scores(model, tok, records) if rank0 else None
 
     info = editor.apply(model, tok, [r.request for r in records]).info
     if not info["global_zero"]:
         return 0  # DDP: the other processes only train
-    adapter = editor.adapter(model)
     out = Path(job.output_dir)
-    adapter.save(out)  # saved before scoring: a failure there loses no training
+    editor.adapter(model).save(out)  # saved before scoring: a failure there loses no training
+    detach(model)  # the trained model is the base again
+    # The saved adapter on a freshly loaded base: what a user who ships the adapter gets.
+    fresh = load_subject(job.edits, progress=False).model if job.edits.model else model
+    adapter = attach(fresh, out)
     table = MetricsTable()
     table.add("pre-edit", compute_metrics(pre, pre))
     runs = {}
     gate = adapter.config.gate_unanchored
     for on in (True, False):
         adapter.config.gate_unanchored = on
-        runs[f"gate {'on' if on else 'off'}"] = m = compute_metrics(raw_scores(model, tok, records), pre)
+        runs[f"gate {'on' if on else 'off'}"] = m = compute_metrics(raw_scores(fresh, tok, records), pre)
         table.add(f"memoe, gate {'on' if on else 'off'}", m)
     adapter.config.gate_unanchored = gate
+    adapter.detach()
+    compared = {}
+    for other in comparisons:
+        print(f"{other.name} on the same {len(records)} edits (one batch) ...", flush=True)
+        result = other.apply(fresh, tok, [r.request for r in records])
+        compared[other.name] = m = {**compute_metrics(raw_scores(fresh, tok, records), pre), "seconds": round(result.seconds, 2),
+                                    "time_split": result.info.get("time_split")}
+        result.restore()
+        table.add(f"{other.name} (one batch, {result.seconds:.0f} s)", m)
     seconds = info["seconds"]
     result = {"options": asdict(job), "editor_config": asdict(editor.config),
               "dataset": {"name": ds.name, "num_edits": len(records), "selection": ds.meta.get("selection")},
               "train": {**{k: v for k, v in info.items() if k != "global_zero"}, "seconds": round(seconds, 2),
                         "edits_per_second": round(len(records) / seconds, 3)},
-              "pre": compute_metrics(pre, pre), "adapter": runs, "peak_rss_mb": _peak_rss_mb(),
-              "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}
+              "pre": compute_metrics(pre, pre), "adapter": runs, "compared": compared, "peak_rss_mb": _peak_rss_mb(),
+              "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+              "wall_seconds": round(time.perf_counter() - t_start, 1)}
     write_json(out / "metrics.json", result)
     print(table.markdown())
     print(f"\ntrained {len(records)} edits in {seconds:.1f} s ({result['train']['edits_per_second']} edits/s, "
-          f"{info['steps']} steps, {info['devices']} device(s)); adapter saved to {out}")
+          f"{info['steps']} steps, {info['devices']} device(s)); adapter saved to {out}; "
+          f"{result['wall_seconds']:.0f} s in all")
     return 0
 
 

@@ -66,18 +66,19 @@ class Option:
     choices: tuple | None = None
 
 
-def options(cls: type, path: tuple[str, ...] = (), prefix: str = "") -> list[Option]:
-    """The command-line options of dataclass ``cls``, nested dataclasses flattened."""
+def options(cls: type, path: tuple[str, ...] = (), prefix: str = "", defaults: object = None) -> list[Option]:
+    """The command-line options of dataclass ``cls``, nested dataclasses flattened; ``defaults``: the instance whose
+    values are the defaults (a nested section's own default, which may differ from ``cls()``)."""
     hints, docs, out = typing.get_type_hints(cls), field_docs(cls), []
     for f in dataclasses.fields(cls):
         tp = _unwrap(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else (
+        default = getattr(defaults, f.name) if defaults is not None else f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         doc, choices = docs.get(f.name, ""), f.metadata.get("choices")
         if f.metadata.get("cli") is False:
             continue  # set by the script from another option
         if dataclasses.is_dataclass(tp):
-            out += options(tp, path + (f.name,), prefix + f.metadata.get("cli_prefix", ""))
+            out += options(tp, path + (f.name,), prefix + f.metadata.get("cli_prefix", ""), default)
             continue
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         name = prefix + f.name

@@ -36,7 +36,7 @@ from memoe.resources import editor_config_path, shipped, study_path, testbed_con
 from memoe.testbed import Testbed, TestbedConfig, build_testbed
 from memoe.testbed.build import make_corpus
 
-DATASETS = ("synthetic", "counterfact", "counterfact-easyedit", "zsre")
+DATASETS = ("synthetic", "counterfact", "counterfact-easyedit", "zsre", "counterfact-sample")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -45,7 +45,8 @@ class EditTarget:
     """What is edited: a model (the dataset's knowledge testbed, or a real model) and the first N records of a dataset."""
 
     dataset: str = field(default="synthetic", metadata=bounds(choices=DATASETS))
-    """Edit dataset: synthetic, counterfact, counterfact-easyedit or zsre."""
+    """Edit dataset: synthetic, counterfact, counterfact-easyedit, zsre, or counterfact-sample (CounterFact's first 200
+    records, shipped with memoe: no ``../shared`` needed)."""
     data_path: str | None = None
     """File of the real dataset (default: ``../shared/data`` or ``$MEMOE_DATA_DIR``)."""
     num_edits: int = field(default=100, metadata=bounds(1, 100_000))
@@ -53,7 +54,7 @@ class EditTarget:
     model: str | None = None
     """A real model to edit instead of the testbed: a preset (``smollm2-135m``), a GGUF file or a Hugging Face folder
     (e.g. Llama-3-8B); editor configs then come from ``configs/editors/<model>/``. A memoe testbed folder is edited
-    on the records it learned."""
+    on the records it learned; ``testbed`` (or none) is the dataset's knowledge testbed, built on first use."""
     known_only: bool = False
     """Keep only records whose unedited model prefers the true target over the new one (teacher-forced mean NLL,
     CounterFact's definition), the first ``num_edits`` such; the result says how many were tried. Off by default,
@@ -68,6 +69,10 @@ class EditTarget:
     """Bad records in a real dataset: stop with an error, or leave them out with a warning."""
     seed: int = 0
     """Seed of the synthetic world, of torch before each run, and of training."""
+
+    def __post_init__(self) -> None:
+        if self.model == "testbed":
+            self.model = None
 
     def is_testbed(self) -> bool:
         return self.model is None or (Path(self.model).expanduser() / "testbed.json").is_file()

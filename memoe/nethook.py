@@ -84,3 +84,21 @@ def patch(model: nn.Module, edits: dict[str, Callable[[torch.Tensor], torch.Tens
 
     with hooks(model, forward={n: make(f) for n, f in edits.items()}):
         yield
+
+
+@contextlib.contextmanager
+def start_after(model: nn.Module, names: list[str], state: Callable[[], torch.Tensor], as_tuple: bool = False) -> Iterator[None]:
+    """Run forward passes from a known state: the modules in ``names`` (consecutive blocks from the first) are not
+    computed; each but the last passes its input on, the last returns ``state()``. For fixed prompts whose state
+    after a block is cached, so the blocks below it are not run again at every step. ``as_tuple``: the blocks
+    return tuples (hidden state first)."""
+    wrap = (lambda t: (t,)) if as_tuple else (lambda t: t)
+    mods = [model.get_submodule(n) for n in names]
+    try:
+        for m in mods[:-1]:
+            m.forward = lambda hidden_states, *args, **kwargs: wrap(hidden_states)
+        mods[-1].forward = lambda *args, **kwargs: wrap(state())
+        yield
+    finally:
+        for m in mods:
+            m.__dict__.pop("forward", None)  # the class's forward again

@@ -146,8 +146,9 @@ def test_locate_on_the_real_model(tmp_path):
     assert all(0 <= l < 30 and score > 0 for l, _, score, _ in res["facts_found"][0]["neurons"])
 
 
-def train_args(tmp_path, *extra):
-    return ["--testbed-config", TINY, "--num-edits", "6", "--output-dir", str(tmp_path / "ad"), "--no-progress",
+def train_args(tmp_path, *extra, compare="none"):
+    return ["--model", "testbed", "--dataset", "synthetic", "--compare", compare, "--testbed-config", TINY, "--num-edits", "6",
+            "--output-dir", str(tmp_path / "ad"), "--no-progress",
             "--editor-config", str(tmp_path / "m.yaml"), "--log-dir", str(tmp_path / "logs"), *extra]
 
 
@@ -158,11 +159,14 @@ def memoe_yaml(tmp_path):
 
 
 def test_train_main_job_saves_and_scores_an_adapter(cache, tmp_path, capsys, memoe_yaml):
-    assert train.main(train_args(tmp_path)) == 0
+    assert train.main(train_args(tmp_path, compare="memit")) == 0
     text = capsys.readouterr().out
     assert "recall requests" in text and "| pre-edit |" in text and "memoe, gate on" in text and "edits/s" in text
+    assert "| memit (one batch" in text
     res = json.loads((tmp_path / "ad" / "metrics.json").read_text())
     assert res["adapter"]["gate on"]["cf_efficacy"] == 1.0 and res["train"]["devices"] == 1
+    memit = res["compared"]["memit"]  # scored on the same edits (the tiny testbed is too small for memit.yaml to flip them)
+    assert memit["seconds"] > 0 and {"covariance", "targets", "keys", "solve"} <= set(memit["time_split"])
     assert (tmp_path / "ad" / "adapter_model.safetensors").exists()
     assert list((tmp_path / "logs").rglob("metrics.csv"))  # the CSV logger is on by default
 
@@ -355,7 +359,8 @@ def test_train_align_saves_the_lora_the_lte_editor_attaches(cache, tmp_path, cap
     from memoe.editors import make_editor
 
     args = ["--align", "--testbed-config", TINY, "--num-edits", "6", "--align-source", "synthetic:40:60", "--align-max-steps", "3",
-            "--align-batch-size", "4", "--align-output-dir", str(tmp_path / "lora"), "--no-progress", "--log-dir", str(tmp_path / "logs")]
+            "--align-batch-size", "4", "--align-output-dir", str(tmp_path / "lora"), "--no-progress", "--log-dir", str(tmp_path / "logs"),
+            "--model", "testbed", "--dataset", "synthetic"]
     assert train.main(args) == 0
     assert "aligned on" in capsys.readouterr().out
     info = json.loads((tmp_path / "lora" / "alignment.json").read_text())["train"]
@@ -376,7 +381,8 @@ def test_train_align_with_ddp_on_two_cpu_processes(cache, tmp_path):
     import subprocess
 
     env = {**os.environ, "MEMOE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    args = ["--align", "--testbed-config", TINY, "--num-edits", "6", "--strategy", "ddp", "--devices", "2", "--accelerator", "cpu",
+    args = ["--align", "--model", "testbed", "--dataset", "synthetic", "--testbed-config", TINY, "--num-edits", "6",
+            "--strategy", "ddp", "--devices", "2", "--accelerator", "cpu",
             "--align-source", "synthetic:40:60", "--align-max-steps", "3", "--align-batch-size", "4",
             "--align-output-dir", str(tmp_path / "lora"), "--no-progress", "--log-dir", str(tmp_path / "logs")]
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -36,6 +36,10 @@ DEFAULT_FILES = {
 }
 
 
+#: Datasets that come with the package (``memoe/data/``): name -> (file, schema). See ``counterfact_sample.md``.
+SHIPPED_FILES = {"counterfact-sample": ("counterfact_sample.json", "counterfact")}
+
+
 def default_data_dir() -> Path:
     """Where the shared benchmark files live: ``$MEMOE_DATA_DIR``, else ``../shared/data`` beside the checkout."""
     env = os.environ.get("MEMOE_DATA_DIR")
@@ -248,7 +252,8 @@ def load_edit_dataset(
     seed: int = 0,
     **synthetic_options,
 ) -> EditDataset:
-    """Load a dataset by name: ``synthetic``, ``counterfact``, ``counterfact-easyedit`` or ``zsre``.
+    """Load a dataset by name: ``synthetic``, ``counterfact``, ``counterfact-easyedit``, ``zsre`` or
+    ``counterfact-sample`` (the first 200 CounterFact records, shipped with memoe).
 
     The real benchmarks are read from ``data_path`` if given, else from :func:`default_data_dir`. Any other
     name is treated as a path or hub id (schema auto-detected). ``synthetic`` builds the synthetic world
@@ -258,6 +263,11 @@ def load_edit_dataset(
     if name == "synthetic":
         world = build_world(WorldConfig(num_edits=limit or 1000, seed=seed, **synthetic_options))
         return world.dataset
+    if name in SHIPPED_FILES and not data_path:
+        file, schema = SHIPPED_FILES[name]
+        ds = load_records(Path(__file__).with_name(file), schema=schema, limit=limit, bad_records=bad_records)
+        ds.name = name
+        return ds
     if name in DEFAULT_FILES:
         path = Path(data_path) if data_path else default_data_dir() / DEFAULT_FILES[name]
         if not path.exists():

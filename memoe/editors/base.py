@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterator
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from memoe.adapters.lora import save_lora
+from memoe.batching import in_context, target_nll
 from memoe.config import from_dict
 from memoe.contexts import PrefixMemo
 from memoe.data.records import EditRequest, RecordError
@@ -85,6 +87,20 @@ def validate_requests(tok, requests: list[EditRequest]) -> None:
         subject_span(tok, r.prompt, r.subject)
 
 
+#: An edit that moves no request's new-target NLL by this much (nats) is reported as a no-op.
+NO_OP_NLL = 1e-4
+
+
+@torch.no_grad()
+def request_nll(model: nn.Module, tok, requests: list[EditRequest], batch_size: int = 64) -> torch.Tensor:
+    """(N,) each request's new-target NLL on its bare prompt, as the model answers it now (an in-context editor's
+    retrieved edits included)."""
+    prompts = [r.text for r in requests]
+    return torch.cat([target_nll(model, tok, in_context(model, prompts[i : i + batch_size]),
+                                 [r.target_new for r in requests[i : i + batch_size]]).cpu()
+                      for i in range(0, len(requests), batch_size)])
+
+
 class Editor(ABC):
     """Base of all editors. Subclasses set ``name`` and ``Config`` and implement :meth:`_apply`."""
 
@@ -111,11 +127,20 @@ class Editor(ABC):
         return {"layers": list(layers)}
 
     def apply(self, model: nn.Module, tok, requests: list[EditRequest]) -> EditResult:
-        """Apply ``requests`` to ``model`` in place and return the restorable result."""
+        """Apply ``requests`` to ``model`` in place and return the restorable result. Warns when the edit left
+        every request's new-target likelihood where it was (a no-op edit, e.g. a covariance weight so large that
+        the update vanishes); ``info`` records the mean new-target NLL before and after (not timed)."""
         validate_requests(tok, requests)
+        before = request_nll(model, tok, requests)
         t0 = time.perf_counter()
         result = self._apply(model, tok, list(requests))
         result.seconds = time.perf_counter() - t0
+        after = request_nll(model, tok, requests)
+        result.info["target_nll_before"] = round(before.mean().item(), 4)
+        result.info["target_nll_after"] = round(after.mean().item(), 4)
+        if (after - before).abs().max().item() < NO_OP_NLL:
+            warnings.warn(f"{self.name}: the edit left all {len(requests)} requests' new-target NLL unchanged (mean "
+                          f"{before.mean().item():.3f}): check its layers and update weight", stacklevel=2)
         return result
 
     @abstractmethod

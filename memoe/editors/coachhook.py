@@ -35,7 +35,7 @@ from memoe.batching import model_device, pad_batch
 from memoe.config import bounds
 from memoe.data.records import EditRequest
 from memoe.editors.bypass import BypassEditor
-from memoe.editors.closed_form.core import C0Memo, ClosedFormConfig, compute_keys, edit_in_rounds, edit_layers
+from memoe.editors.closed_form.core import C0Memo, ClosedFormConfig, compute_keys, edit_in_rounds, edit_layers, timed
 from memoe.editors.closed_form.solves import memit_solve
 from memoe.errors import ConfigError
 from memoe.models.arch import model_parts
@@ -142,9 +142,9 @@ class CoachHooKEditor(C0Memo, BypassEditor):
     def edit(self, model, tok, adapter: CoachHooKAdapter, requests: list[EditRequest]) -> dict:
         cfg: CoachHooKConfig = self.prefixes.apply(model, tok, self.config)
         layers = self._layers(model)
-        with adapter.disabled():
-            covs = self.layer_covs(model, tok, layers)  # the unedited base's statistics
         info: dict = {"layers": layers}
+        with adapter.disabled(), timed(info, "covariance"):
+            covs = self.layer_covs(model, tok, layers)  # the unedited base's statistics
         hooks = {l: adapter.layers[str(l)] for l in layers}
         if cfg.update == "closed_form":
             def solve(l, R, K):

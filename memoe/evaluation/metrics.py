@@ -153,16 +153,23 @@ class RawScores:
     seconds: float = 0.0
 
 
-def _grouped(model, tok, groups: list[list[tuple[str, str]]], batch_size: int) -> list[PairScores]:
-    """Score a list of groups of (prompt, target) pairs in one batched call; split the results back."""
-    flat = [pt for g in groups for pt in g]
+def _grouped(model, tok, kinds: dict[str, list[list[tuple[str, str]]]], batch_size: int) -> dict[str, list[PairScores]]:
+    """Score every kind's groups of (prompt, target) pairs in one batched call (prompts shared between kinds, such
+    as a neighbour scored against both targets, are run once); split the results back per kind and group."""
+    flat = [pt for groups in kinds.values() for g in groups for pt in g]
     s = score_pairs(model, tok, [p for p, _ in flat], [t for _, t in flat], batch_size)
-    out, i = [], 0
-    for g in groups:
-        j = i + len(g)
-        out.append(PairScores(s.nll[i:j], s.token_acc[i:j], s.argmax[i:j], s.first_prob[i:j]))
-        i = j
+    out, i = {}, 0
+    for kind, groups in kinds.items():
+        out[kind] = []
+        for g in groups:
+            j = i + len(g)
+            out[kind].append(PairScores(s.nll[i:j], s.token_acc[i:j], s.argmax[i:j], s.first_prob[i:j]))
+            i = j
     return out
+
+
+def _joined(groups: list[PairScores]) -> PairScores:
+    return PairScores(*[[x for g in groups for x in getattr(g, f)] for f in ("nll", "token_acc", "argmax", "first_prob")])
 
 
 def locality_pairs(rec: EditRecord) -> list[tuple[str, str]]:
@@ -207,43 +214,44 @@ def raw_scores(model, tok, records: list[EditRecord], opts: ScoreOptions | None 
     t0 = time.perf_counter()
     new = lambda r, ps: [(p, r.request.target_new) for p in ps]
     true = lambda r, ps: [(p, r.request.target_true or r.request.target_new) for p in ps]
-    both = lambda groups: (PairScores(*[[x for g in groups for x in getattr(g, f)[:1]] for f in ("nll", "token_acc", "argmax", "first_prob")]),
-                           PairScores(*[[x for g in groups for x in getattr(g, f)[1:]] for f in ("nll", "token_acc", "argmax", "first_prob")]))
-    request_new, request_true = both(_grouped(model, tok, [new(r, [r.request.text]) + true(r, [r.request.text]) for r in records], bs))
-    rs = RawScores(
-        request_new=request_new, request_true=request_true,
-        para_new=_grouped(model, tok, [new(r, r.paraphrase_prompts) for r in records], bs),
-        para_true=_grouped(model, tok, [true(r, r.paraphrase_prompts) for r in records], bs),
-        neigh_new=_grouped(model, tok, [new(r, r.neighborhood_prompts) for r in records], bs),
-        neigh_true=_grouped(model, tok, [true(r, r.neighborhood_prompts) for r in records], bs),
-        loc=_grouped(model, tok, [locality_pairs(r) for r in records], bs),
-        same=_grouped(model, tok, [[(p.prompt, p.target) for p in r.same_subject_prompts] for r in records], bs),
-    )
+    probes = probes if probes is not None else subject_probes(records)
+    probe_prompts = [list(probes.get(r.case_id, ())) for r in records]
+    kinds = {"request_new": [new(r, [r.request.text]) for r in records], "request_true": [true(r, [r.request.text]) for r in records],
+             "para_new": [new(r, r.paraphrase_prompts) for r in records], "para_true": [true(r, r.paraphrase_prompts) for r in records],
+             "neigh_new": [new(r, r.neighborhood_prompts) for r in records],
+             "neigh_true": [true(r, r.neighborhood_prompts) for r in records],
+             "loc": [locality_pairs(r) for r in records],
+             "same": [[(p.prompt, p.target) for p in r.same_subject_prompts] for r in records]}
+    if opts.stress:
+        plus = [[f"{r.request.text} {r.request.target_new}. {p}" for p in r.neighborhood_prompts] for r in records]
+        prefixed = [[f"{PREFIX} {r.request.text}"] for r in records]
+        kinds.update(plus_new=[new(r, ps) for r, ps in zip(records, plus)], plus_true=[true(r, ps) for r, ps in zip(records, plus)],
+                     prefixed_new=[new(r, ps) for r, ps in zip(records, prefixed)],
+                     prefixed_true=[true(r, ps) for r, ps in zip(records, prefixed)],
+                     probe=[new(r, ps) for r, ps in zip(records, probe_prompts)])
+    s = _grouped(model, tok, kinds, bs)  # every teacher-forced score in one call
+    rs = RawScores(request_new=_joined(s["request_new"]), request_true=_joined(s["request_true"]), para_new=s["para_new"],
+                   para_true=s["para_true"], neigh_new=s["neigh_new"], neigh_true=s["neigh_true"], loc=s["loc"], same=s["same"])
     rs.targets = [r.request.target_new for r in records]
     rs.prompts_scored = 2 * len(records) + sum(
         len(g.nll) for gs in (rs.para_new, rs.para_true, rs.neigh_new, rs.neigh_true, rs.loc, rs.same) for g in gs)
-    probes = probes if probes is not None else subject_probes(records)
-    probe_prompts = [list(probes.get(r.case_id, ())) for r in records]
     if opts.generation:
-        kinds = {"request": [[r.request.text] for r in records], "para": [list(r.paraphrase_prompts) for r in records],
-                 "neigh": [list(r.neighborhood_prompts) for r in records], "loc": [[p.prompt for p in r.locality_prompts] for r in records],
-                 "probe": probe_prompts}
-        flat = [p for groups in kinds.values() for g in groups for p in g]
+        gen_kinds = {"request": [[r.request.text] for r in records], "para": [list(r.paraphrase_prompts) for r in records],
+                     "neigh": [list(r.neighborhood_prompts) for r in records],
+                     "loc": [[p.prompt for p in r.locality_prompts] for r in records], "probe": probe_prompts}
+        flat = [p for groups in gen_kinds.values() for g in groups for p in g]
         gen = greedy_answers(model, tok, flat, opts.gen_max_new_tokens, bs)
         rs.answers, i = {}, 0
-        for kind, groups in kinds.items():
+        for kind, groups in gen_kinds.items():
             n = sum(len(g) for g in groups)
             rs.answers[kind] = _split(gen[i : i + n], groups)
             i += n
         rs.prompts_scored += len(flat)
     if opts.stress:
-        plus = [[f"{r.request.text} {r.request.target_new}. {p}" for p in r.neighborhood_prompts] for r in records]
-        rs.plus_new = _grouped(model, tok, [new(r, ps) for r, ps in zip(records, plus)], bs)
-        rs.plus_true = _grouped(model, tok, [true(r, ps) for r, ps in zip(records, plus)], bs)
-        prefixed = [[f"{PREFIX} {r.request.text}"] for r in records]
-        rs.prefixed_new, rs.prefixed_true = both(_grouped(model, tok, [new(r, ps) + true(r, ps) for r, ps in zip(records, prefixed)], bs))
+        rs.plus_new, rs.plus_true = s["plus_new"], s["plus_true"]
+        rs.prefixed_new, rs.prefixed_true = _joined(s["prefixed_new"]), _joined(s["prefixed_true"])
         # the next-token argmax after each probe: the first position of any target (here the new one) predicts it
-        rs.probe_next = [[am[0] for am in g.argmax] for g in _grouped(model, tok, [new(r, ps) for r, ps in zip(records, probe_prompts)], bs)]
+        rs.probe_next = [[am[0] for am in g.argmax] for g in s["probe"]]
         rs.prompts_scored += 2 * sum(len(ps) for ps in plus) + 2 * len(records) + sum(len(ps) for ps in probe_prompts)
     if opts.perplexity_texts:
         texts = heldout_texts(opts.perplexity_texts)

@@ -6,6 +6,7 @@ that predict target tokens are sent through the LM head, so scoring stays cheap 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from memoe.batching import encode_pairs, final_hidden, in_context, model_device, pad_batch, target_index, warn_if_too_long
+from memoe.batching import encode_pairs, final_hidden, in_context, model_device, pad_batch, warn_if_too_long
 
 
 @dataclass
@@ -37,7 +38,11 @@ class PairScores:
 
 @torch.no_grad()
 def score_pairs(model: nn.Module, tok, prompts: list[str], targets: list[str], batch_size: int = 64) -> PairScores:
-    """Teacher-forced scores of ``target`` after ``prompt`` for each pair, in padded batches."""
+    """Teacher-forced scores of ``target`` after ``prompt`` for each pair, in padded batches.
+
+    Pairs share rows where they can: a one-token target is read at its prompt's last position, in any row that
+    starts with that prompt, so a prompt scored against both of its targets (new and true, which are one token
+    for most of CounterFact) costs one row, not two; identical pairs cost nothing more."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     out = PairScores([], [], [], [])
@@ -46,36 +51,50 @@ def score_pairs(model: nn.Module, tok, prompts: list[str], targets: list[str], b
     p_ids, t_ids = encode_pairs(tok, in_context(model, prompts), targets)  # an in-context editor's retrieved edits first
     warn_if_too_long(model, [p + t for p, t in zip(p_ids, t_ids)], "scored prompts (with their targets)")
     device, head = model_device(model), model.get_output_embeddings()
-    # Longest first: batches of similar length waste less padding.
-    order = sorted(range(len(prompts)), key=lambda i: -(len(p_ids[i]) + len(t_ids[i])))
-    results: dict[int, tuple] = {}
+    # Rows: prompt + target for every distinct multi-token pair, then the bare prompt where no row starts with it yet.
+    rows: list[list[int]] = []
+    row_of: dict[tuple, int] = {}  # (prompt, target) or (prompt, None) -> row
+    prompt_row: dict[tuple, int] = {}  # prompt -> any row that starts with it
+    for p, t in sorted(zip(p_ids, t_ids), key=lambda pt: len(pt[1]) == 1):  # multi-token targets first
+        key = (tuple(p), tuple(t) if len(t) > 1 else None)
+        if key in row_of:
+            continue
+        if key[1] is None and key[0] in prompt_row:
+            row_of[key] = prompt_row[key[0]]
+            continue
+        row_of[key] = len(rows)
+        rows.append(p + t if len(t) > 1 else list(p))
+        prompt_row.setdefault(key[0], row_of[key])
+    # Reads: (row, column, label) for each pair's target tokens; position j predicts token j + 1.
+    reads = {}  # row -> list of (pair, column, label)
+    for i, (p, t) in enumerate(zip(p_ids, t_ids)):
+        r = row_of[(tuple(p), tuple(t) if len(t) > 1 else None)]
+        reads.setdefault(r, []).extend((i, len(p) - 1 + j, x) for j, x in enumerate(t))
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))  # longest first: less padding per batch
+    tok_nll: list[list[float]] = [[] for _ in prompts]
+    tok_hit: list[list[int]] = [[] for _ in prompts]
+    tok_ok: list[list[bool]] = [[] for _ in prompts]
     starts = range(0, len(order), batch_size)  # a bar where it takes a while: the pre-edit pass over many records
     for start in tqdm(starts, desc="scoring", unit="batch", leave=False, disable=len(starts) < 4 or None):
         idx = order[start : start + batch_size]
-        seqs = [p_ids[i] + t_ids[i] for i in idx]
-        ids, mask = pad_batch(seqs, tok.pad_token_id, device)
+        ids, mask = pad_batch([rows[r] for r in idx], tok.pad_token_id, device)
         hidden = final_hidden(model, ids, mask)  # (B, T, H)
-        rows, cols, labels = target_index([p_ids[i] for i in idx], [t_ids[i] for i in idx])
-        logits = head(hidden[rows, cols]).float()  # (sum of target lengths, V)
-        labels_t = torch.tensor(labels, device=device)
-        tok_nll = F.cross_entropy(logits, labels_t, reduction="none")  # (sum of target lengths,)
+        batch_reads = [(b, *read) for b, r in enumerate(idx) for read in reads[r]]
+        b_rows = [b for b, *_ in batch_reads]
+        b_cols = [c for _, _, c, _ in batch_reads]
+        labels = torch.tensor([x for *_, x in batch_reads], device=device)
+        logits = head(hidden[b_rows, b_cols]).float()  # (reads, V)
+        nll = F.cross_entropy(logits, labels, reduction="none").tolist()
         hit = logits.argmax(-1)
-        offset = 0
-        for i in idx:
-            n_t = len(t_ids[i])
-            seg = slice(offset, offset + n_t)
-            results[i] = (
-                tok_nll[seg].mean().item(),
-                (hit[seg] == labels_t[seg]).float().mean().item(),
-                hit[seg].tolist(),
-                tok_nll[offset].neg().exp().item(),
-            )
-            offset += n_t
+        ok = (hit == labels).tolist()
+        for (_, i, _, _), n, h, o in zip(batch_reads, nll, hit.tolist(), ok):
+            tok_nll[i].append(n)
+            tok_hit[i].append(h)
+            tok_ok[i].append(o)
     for i in range(len(prompts)):
-        nll, acc, am, fp = results[i]
-        out.nll.append(nll)
-        out.token_acc.append(acc)
-        out.argmax.append(am)
-        out.first_prob.append(fp)
+        out.nll.append(sum(tok_nll[i]) / len(tok_nll[i]))
+        out.token_acc.append(sum(tok_ok[i]) / len(tok_ok[i]))
+        out.argmax.append(tok_hit[i])
+        out.first_prob.append(math.exp(-tok_nll[i][0]))
     return out
 

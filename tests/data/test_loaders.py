@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,22 @@ def test_counterfact_rome_schema():
     assert len(r.paraphrase_prompts) == 2 and len(r.neighborhood_prompts) == 10
     assert len(r.attribute_prompts) == 10 and len(r.generation_prompts) == 10
     assert all(rec.request.relation for rec in ds)
+
+
+def test_counterfact_sample_ships_with_the_package(monkeypatch, tmp_path):
+    """The main job's edits: read from the package, wherever the shared data is (here: nowhere)."""
+    monkeypatch.setenv("MEMOE_DATA_DIR", str(tmp_path))
+    ds = load_edit_dataset("counterfact-sample", limit=150)
+    assert ds.name == "counterfact-sample" and len(ds) == 150 and not ds.skipped
+    assert ds[0].case_id == 34 and ds[0].request.target_new == "Philadelphia"
+    assert len(load_edit_dataset("counterfact-sample")) == 200
+    assert (Path(ds.source).parent / "counterfact_sample.md").read_text().count("MIT") >= 2  # its source and licence
+
+
+@needs_shared_data
+def test_counterfact_sample_is_the_first_200_shared_records():
+    sample, shared = load_edit_dataset("counterfact-sample"), load_edit_dataset("counterfact", limit=200)
+    assert [r.to_dict() for r in sample] == [r.to_dict() for r in shared]
 
 
 @needs_shared_data

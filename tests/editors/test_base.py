@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -5,7 +7,7 @@ from memoe.batching import in_context
 from memoe.config import ConfigError
 from memoe.data import EditRequest, RecordError
 from memoe.editors import REGISTRY, make_editor
-from memoe.editors.base import apply_deltas
+from memoe.editors.base import EditorConfig, WeightEditor, apply_deltas
 
 
 def snapshot(model):
@@ -104,3 +106,33 @@ def test_an_editor_yaml_must_name_its_method(tmp_path):
     (tmp_path / "b.yaml").write_text("method: rome\nlayers: [0]\n")
     with pytest.raises(ConfigError, match="b.yaml configures 'rome', not 'ft'"):
         make_editor("ft", tmp_path / "b.yaml")
+
+
+class _Delta(WeightEditor):
+    """A weight editor that adds ``scale`` times a fixed random direction to the last down-projection."""
+
+    name = "delta-spy"
+    Config = EditorConfig
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def compute_deltas(self, model, tok, requests):
+        name, w = [(n, p) for n, p in model.named_parameters() if n.endswith("down_proj.weight")][-1]
+        return {name: self.scale * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))}, {}
+
+
+def test_an_edit_that_moves_nothing_is_reported(tiny_testbed):
+    """EasyEdit's shipped Llama λ left SmolLM2 unchanged without a word; memoe warns, naming the editor."""
+    tb = tiny_testbed
+    reqs = [r.request for r in tb.dataset.records[:2]]
+    with pytest.warns(UserWarning, match="delta-spy: the edit left all 2 requests' new-target NLL unchanged"):
+        result = _Delta(0.0).apply(tb.model, tb.tokenizer, reqs)
+    assert result.info["target_nll_before"] == result.info["target_nll_after"]
+    result.restore()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a real change is not reported
+        result = _Delta(1.0).apply(tb.model, tb.tokenizer, reqs)
+    assert result.info["target_nll_before"] != result.info["target_nll_after"]
+    result.restore()

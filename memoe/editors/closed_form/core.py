@@ -19,6 +19,7 @@ A method is then only its solve and its config (``rome.py``, ``memit.py``, ``emm
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
 from abc import abstractmethod
 from dataclasses import dataclass, field
@@ -59,6 +60,9 @@ class ClosedFormConfig(ContextOptions, EditorConfig):
     """Stop early once every request's target NLL is below this."""
     batched_targets: bool = True
     """Optimise all requests' targets in one padded batch (False: one request at a time, for benchmarks)."""
+    target_chunk: int = field(default=16, metadata=bounds(1))
+    """Requests whose target rows go through one forward/backward pass: bounds the memory of a large batch (about
+    0.2 GB per request on SmolLM2 with four prefixes); larger is a little faster on a GPU."""
     rounds: int = field(default=1, metadata=bounds(1, 20))
     """Target-and-insert rounds (1: the papers' single pass). An insertion reaches its targets at the fact token
     only approximately (least squares) and also moves every other token's MLP output, so a request whose target
@@ -115,63 +119,119 @@ def layer_outputs(model, tok, requests, layer: int, cfg: ClosedFormConfig) -> to
     return read_at_facts(model, tok, requests, [], cfg.fact_token, _layer_out(model_parts(model), layer), inputs=False).T
 
 
+@dataclass
+class TargetBatch:
+    """The rows of some requests for the target optimisation: each request's prefixed prompts (with its new
+    target), then one KL prompt ("{subject} is a") per request; everything indexed within the batch."""
+
+    ids: torch.Tensor  # (B, T) right-padded
+    mask: torch.Tensor  # (B, T)
+    fact: torch.Tensor  # (B,) fact-token column of each row: δ is added there
+    owner: torch.Tensor  # (B,) which request (0..n-1 within the batch) each row belongs to
+    nll_index: tuple  # (row, column, label) of every target token, as token_nll takes them
+    tok_row: torch.Tensor  # (target tokens,) the prompt row each target token belongs to
+    n_prompt_rows: int
+    kl_last: list[int]  # last column of each KL row (rows n_prompt_rows ...)
+
+
+class TargetRows:
+    """Every request's target-optimisation rows, tokenised once; :meth:`batch` puts some requests' rows together."""
+
+    def __init__(self, model, tok, requests: list[EditRequest], cfg: ClosedFormConfig):
+        texts, positions, owner = fact_rows(tok, requests, cfg.context_prefixes, cfg.fact_token)
+        p_ids, t_ids = encode_pairs(tok, texts, [requests[i].target_new for i in owner])
+        self.prompt = [[(p, t, pos) for p, t, pos, o in zip(p_ids, t_ids, positions, owner) if o == i]
+                       for i in range(len(requests))]
+        self.kl = [(tok(f"{r.subject} is a", add_special_tokens=True)["input_ids"],
+                    fact_position(tok, "{} is a", r.subject, cfg.fact_token)) for r in requests]
+        self.pad_id, self.device = tok.pad_token_id, model_device(model)
+        warn_if_too_long(model, [p + t for rows in self.prompt for p, t, _ in rows] + [k for k, _ in self.kl],
+                         "edit prompts (with their targets)")
+
+    def batch(self, sel: list[int]) -> TargetBatch:
+        prompt = [(j, *row) for j, i in enumerate(sel) for row in self.prompt[i]]
+        kl = [self.kl[i] for i in sel]
+        ids, mask = pad_batch([p + t for _, p, t, _ in prompt] + [k for k, _ in kl], self.pad_id, self.device)
+        tr, tc, labels = target_index([p for _, p, _, _ in prompt], [t for _, _, t, _ in prompt])
+        tensor = lambda x: torch.tensor(x, device=self.device)
+        return TargetBatch(ids, mask, fact=tensor([pos for *_, pos in prompt] + [pos for _, pos in kl]),
+                           owner=tensor([j for j, *_ in prompt] + list(range(len(sel)))),
+                           nll_index=(tr, tc, tensor(labels)), tok_row=tensor(tr), n_prompt_rows=len(prompt),
+                           kl_last=[len(k) - 1 for k, _ in kl])
+
+
 def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: ClosedFormConfig) -> tuple[torch.Tensor, dict]:
-    """(H, N) target residuals z = h + δ at ``layer``, optimised jointly for all requests (see module doc)."""
+    """(H, N) target residuals z = h + δ at ``layer`` (see module doc).
+
+    The requests are independent (each δ moves only its own rows, Adam is elementwise), so all of them are
+    optimised in one batch, and each stops once its own NLL is below ``v_stop_loss`` (as one-at-a-time
+    optimisation does; only the unfinished ones run on). Their rows run ``cfg.target_chunk`` requests per
+    forward/backward, which bounds memory, and from the cached output of ``layer``: the blocks below it see the
+    same prompts at every step."""
     parts = model_parts(model)
-    device = model_device(model)
-    # Rows: every prefixed prompt of every request (with its new target), then one KL prompt per request.
-    texts, positions, owner = fact_rows(tok, requests, cfg.context_prefixes, cfg.fact_token)
-    targets = [requests[i].target_new for i in owner]
-    p_ids, t_ids = encode_pairs(tok, texts, targets)
-    kl_ids = [tok(f"{r.subject} is a", add_special_tokens=True)["input_ids"] for r in requests]
-    kl_pos = [fact_position(tok, "{} is a", r.subject, cfg.fact_token) for r in requests]
-    seqs = [p + t for p, t in zip(p_ids, t_ids)] + kl_ids
-    warn_if_too_long(model, seqs, "edit prompts (with their targets)")
-    ids, mask = pad_batch(seqs, tok.pad_token_id, device)
-    n_rows, N = len(p_ids), len(requests)
-    rows_pos = torch.tensor(positions + kl_pos, device=device)
-    rows_own = torch.tensor(owner + list(range(N)), device=device)
-    # Target-token positions and labels for the NLL
-    tr, tc, labels = target_index(p_ids, t_ids)
-    labels = torch.tensor(labels, device=device)
-    tok_row = torch.tensor(tr, device=device)
-    prompt_owner = torch.tensor(owner, device=device)
-    kl_last = [len(k) - 1 for k in kl_ids]
     head = model.get_output_embeddings()
     out_name = _layer_out(parts, layer)
+    below = [f"{parts.name('layers')}.{l}" for l in range(layer)]
+    rows, N = TargetRows(model, tok, requests, cfg), len(requests)
+    chunks = lambda sel: [sel[k : k + cfg.target_chunk] for k in range(0, len(sel), cfg.target_chunk)]
 
-    with torch.no_grad(), nethook.capture(model, [out_name]) as store:
-        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        kl_ref = torch.log_softmax(head(hidden[torch.arange(n_rows, n_rows + N), kl_last]).float(), -1)
-        h_rows = store[out_name][torch.arange(len(seqs)), rows_pos].float()  # (rows, H)
-    h_init = h_rows[: n_rows][[owner.index(i) for i in range(N)]]  # bare prompt of each request (N, H)
+    # One pass without δ: the state after ``layer`` (kept to start every step from), the unedited "{subject} is a"
+    # distributions for the KL term, and h at the fact token of each request's bare prompt.
+    start: dict[tuple, torch.Tensor] = {}  # (request, row within the request's batch) -> (T_row, H)
+    kl_ref, h_init = [], []
+    as_tuple: list[bool] = []  # whether the layers return tuples (the skipped ones must answer in kind)
+    record_kind = lambda module, args, output: as_tuple.append(isinstance(output, tuple))
+    with torch.no_grad():
+        for sel in chunks(list(range(N))):
+            b = rows.batch(sel)
+            with nethook.capture(model, [out_name]) as store, nethook.hooks(model, {out_name: record_kind}):
+                hidden = model.base_model(input_ids=b.ids, attention_mask=b.mask).last_hidden_state
+            at_layer = store[out_name]  # (B, T, H)
+            kl_rows = torch.arange(b.n_prompt_rows, len(b.ids))
+            kl_ref.append(torch.log_softmax(head(hidden[kl_rows, b.kl_last]).float(), -1))  # (n, V)
+            first = [b.owner[: b.n_prompt_rows].tolist().index(j) for j in range(len(sel))]  # the bare prompt row
+            h_init.append(at_layer[first, b.fact[first]].float())
+            for r, key in enumerate(_row_keys(b, sel)):
+                start[key] = at_layer[r]
+    kl_ref, h_init = torch.cat(kl_ref), torch.cat(h_init)  # (N, V), (N, H)
+
     delta = torch.zeros_like(h_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
-
-    def add_delta(h: torch.Tensor) -> torch.Tensor:
-        h = h.clone()
-        h[torch.arange(len(seqs), device=device), rows_pos] += delta[rows_own].to(h.dtype)
-        return h
-
+    done = torch.zeros_like(h_init)  # δ of each request once its target is met (later steps leave it alone)
+    req_nll = torch.full((N,), float("inf"))
+    active, losses, steps = list(range(N)), [], 0
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
-    losses, met = [], False
     try:
         for _step in range(cfg.v_steps):
-            with nethook.patch(model, {out_name: add_delta}):
-                hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            row_nll = row_mean(token_nll(head, hidden, tr, tc, labels), tok_row, n_rows)  # (rows,)
-            req_nll = row_mean(row_nll, prompt_owner, N)  # (N,) each request's mean over its prefixed prompts
-            kl_new = torch.log_softmax(head(hidden[torch.arange(n_rows, n_rows + N), kl_last]).float(), -1)
-            kl = torch.nn.functional.kl_div(kl_new, kl_ref, log_target=True, reduction="batchmean")
-            decay = (delta.norm(dim=1) ** 2 / h_init.norm(dim=1) ** 2).mean()
-            loss = req_nll.mean() + cfg.kl_factor * kl + cfg.v_weight_decay * decay
-            losses.append(round(req_nll.mean().item(), 4))
-            if req_nll.max().item() < cfg.v_stop_loss:
-                met = True
-                break
+            steps += 1
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for sel in chunks(active):
+                b = rows.batch(sel)
+                d = delta[sel]  # (n, H)
+                cached = _start_state(start, b, sel)  # (B, T, H) the state after ``layer`` for these rows
+                state = lambda b=b, d=d, cached=cached: _with_delta(cached, b, d)
+                with nethook.start_after(model, below + [out_name], state, as_tuple[0]):
+                    hidden = model.base_model(input_ids=b.ids, attention_mask=b.mask).last_hidden_state
+                row_nll = row_mean(token_nll(head, hidden, *b.nll_index), b.tok_row, b.n_prompt_rows)  # (rows,)
+                nll = row_mean(row_nll, b.owner[: b.n_prompt_rows], len(sel))  # (n,) mean over each request's prompts
+                req_nll[sel] = nll.detach().cpu()
+                going = nll.detach() >= cfg.v_stop_loss  # (n,) still above the goal: keeps optimising
+                if not going.any():
+                    continue
+                kl_rows = torch.arange(b.n_prompt_rows, len(b.ids))
+                kl_new = torch.log_softmax(head(hidden[kl_rows, b.kl_last]).float(), -1)
+                kl = torch.nn.functional.kl_div(kl_new, kl_ref[sel], log_target=True, reduction="none").sum(-1)  # (n,)
+                decay = d.norm(dim=1) ** 2 / h_init[sel].norm(dim=1) ** 2
+                # The papers' loss is a mean over all N requests; each chunk adds its requests' share.
+                (((nll + cfg.kl_factor * kl + cfg.v_weight_decay * decay) * going).sum() / N).backward()
+            losses.append(round(req_nll.mean().item(), 4))
+            finished = [i for i in active if req_nll[i] < cfg.v_stop_loss]
+            with torch.no_grad():
+                done[finished] = delta[finished]
+            active = [i for i in active if req_nll[i] >= cfg.v_stop_loss]
+            if not active:
+                break
             opt.step()
             if cfg.clamp_norm_factor > 0:
                 with torch.no_grad():
@@ -181,9 +241,35 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
-    z = (h_init + delta.detach()).double().T  # (H, N)
-    return z, {"target_losses": losses, "target_steps": len(losses), "target_nll": [round(x, 4) for x in req_nll.tolist()],
-               "met_at_start": met and len(losses) == 1}
+    with torch.no_grad():
+        done[active] = delta[active]  # the ones that never met the goal: their last step
+    z = (h_init + done).double().T  # (H, N)
+    return z, {"target_losses": losses, "target_steps": steps, "target_nll": [round(x, 4) for x in req_nll.tolist()],
+               "met_at_start": not active and steps == 1}
+
+
+def _row_keys(b: TargetBatch, sel: list[int]) -> list[tuple[int, int]]:
+    """(request, k) for each row of ``b``: its k-th row (prompts in order, then the KL prompt), whatever the batch."""
+    seen: dict[int, int] = {}
+    keys = []
+    for j in b.owner.tolist():
+        keys.append((sel[j], seen.get(sel[j], 0)))
+        seen[sel[j]] = keys[-1][1] + 1
+    return keys
+
+
+def _start_state(start: dict, b: TargetBatch, sel: list[int]) -> torch.Tensor:
+    """(B, T, H) the cached state after the edit layer for the rows of ``b``, padded as ``b``."""
+    out = [start[key] for key in _row_keys(b, sel)]
+    width = b.ids.shape[1]
+    return torch.stack([torch.nn.functional.pad(h[:width], (0, 0, 0, width - min(width, len(h)))) for h in out])
+
+
+def _with_delta(h: torch.Tensor, b: TargetBatch, d: torch.Tensor) -> torch.Tensor:
+    """``h`` (B, T, H) with each row's request's δ added at its fact token."""
+    h = h.clone()
+    h[torch.arange(len(b.ids), device=h.device), b.fact] += d[b.owner].to(h.dtype)
+    return h
 
 
 class C0Memo:
@@ -220,30 +306,46 @@ class C0Memo:
         return covs
 
 
+@contextlib.contextmanager
+def timed(info: dict, part: str):
+    """Add the block's wall time to ``info["time_split"][part]`` (seconds): where an edit's time goes."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        split = info.setdefault("time_split", {})
+        split[part] = round(split.get(part, 0.0) + time.perf_counter() - t0, 3)
+
+
 def edit_layers(cfg: ClosedFormConfig, layers: list[int]) -> list[int]:
     if not layers or len(set(layers)) != len(layers):
         raise ConfigError(f"edit layers must be distinct and at least one, got {cfg.layers}")
     return layers
 
 
-def spread_over_layers(model, tok, requests, layers: list[int], cfg: ClosedFormConfig, z: torch.Tensor, solve, write) -> None:
+def spread_over_layers(model, tok, requests, layers: list[int], cfg: ClosedFormConfig, z: torch.Tensor, solve, write,
+                       info: dict) -> None:
     """MEMIT's layer loop: for each edit layer (ascending) keys K (d, N), the residual R (H, N) of the targets z
     against the last edit layer's output, divided by the layers left, ``delta = solve(layer, R, K)`` and
     ``write(layer, delta, K)``, which must put the update in place before the next layer's keys are read."""
     for i, l in enumerate(layers):
-        K = compute_keys(model, tok, requests, l, cfg)  # recomputed after earlier layers' updates
-        R = (z - layer_outputs(model, tok, requests, layers[-1], cfg)) / (len(layers) - i)
-        write(l, solve(l, R, K), K)
+        with timed(info, "keys"):
+            K = compute_keys(model, tok, requests, l, cfg)  # recomputed after earlier layers' updates
+            R = (z - layer_outputs(model, tok, requests, layers[-1], cfg)) / (len(layers) - i)
+        with timed(info, "solve"):
+            write(l, solve(l, R, K), K)
 
 
 def batch_targets(model, tok, requests, layer: int, cfg: ClosedFormConfig, info: dict) -> tuple[torch.Tensor, bool]:
     """(H, N) targets for ``requests``: one joint optimisation, or one per request (``batched_targets: false``);
     and whether every request's target NLL was already below ``v_stop_loss`` before any step."""
     if cfg.batched_targets:
-        z, inf = compute_targets(model, tok, requests, layer, cfg)
+        with timed(info, "targets"):
+            z, inf = compute_targets(model, tok, requests, layer, cfg)
         info.setdefault("target_losses", []).append(inf["target_losses"])
         return z, inf["met_at_start"]
-    zs = [compute_targets(model, tok, [r], layer, cfg) for r in requests]
+    with timed(info, "targets"):
+        zs = [compute_targets(model, tok, [r], layer, cfg) for r in requests]
     info.setdefault("target_losses", []).extend(i["target_losses"] for _, i in zs)
     return torch.cat([x for x, _ in zs], dim=1), all(i["met_at_start"] for _, i in zs)
 
@@ -260,7 +362,7 @@ def edit_in_rounds(model, tok, requests, layers: list[int], cfg: ClosedFormConfi
             z, met = batch_targets(model, tok, requests, layers[-1], cfg, info)
             if met and done:
                 break  # nothing left to insert
-            spread_over_layers(model, tok, requests, layers, cfg, z, solve, write)
+            spread_over_layers(model, tok, requests, layers, cfg, z, solve, write, info)
         done += 1
     info["rounds"] = max(info.get("rounds", 0), done)
 
@@ -281,8 +383,10 @@ class ClosedFormEditor(C0Memo, WeightEditor):
         parts = model_parts(model)
         layers = edit_layers(cfg, sorted(parts.check_layer(l) for l in cfg.layers))
         weights = {l: parts.module("down_proj", l).weight for l in layers}
-        covs = self.layer_covs(model, tok, layers)
-        info: dict = {"target_losses": [], "layers": layers, "stats_corpus": self.stats_corpus_used(model)}
+        info: dict = {"target_losses": [], "layers": layers}
+        with timed(info, "covariance"):  # computed (or read from its cache) on first use, then held per model
+            covs = self.layer_covs(model, tok, layers)
+        info["stats_corpus"] = self.stats_corpus_used(model)
         groups = [[r] for r in requests] if self.one_at_a_time else [requests]
 
         def write(l, delta, K):
