@@ -9,7 +9,9 @@
     python bench/bench_editors.py --model /path/to/Meta-Llama-3-8B --config-suffix llama3-8b --dtype bfloat16
 
 The edits, their prompts and the C0 text (its ``corpus.txt``) come from the ``--config`` testbed. ``--model``
-swaps the model edited: ``testbed`` (default), a local checkpoint directory (edited with its own tokenizer), or
+swaps the model edited: ``testbed`` (default), a real model (a preset such as ``smollm2-135m``, a GGUF file or a local
+checkpoint directory: edited with its own tokenizer, its per-model configs and C0 text, on the 200 CounterFact
+records memoe ships), or
 ``random:SHAPE`` (``memoe.models.SHAPES``: Llama-3-8B's architecture with random weights, built on the device
 in ``--dtype``; the testbed's token ids, so no download). On random weights the speeds and memory are the real
 architecture's, edit quality means nothing, and target optimisation runs all its steps (a random model never
@@ -18,7 +20,8 @@ reaches the stop loss), so editing times are upper bounds.
 Part 1, editing: for each editor and batch size B, ``apply`` on B edits (for B < ``--min-edits``, several
 batches of B, restoring between them), timed with the editor's own clock; edits per second and peak memory
 (resident set on CPU, allocator peak on CUDA). C0 statistics are computed (and timed) beforehand: a one-off
-cost per model, not per edit. Part 2, inference: tokens per second of forward passes (fastest of ``--repeats``
+cost per model, not per edit. Each row says where the edit time went (the editors' ``info["time_split"]``:
+targets, keys, solve; MEMoE's training). Part 2, inference: tokens per second of forward passes (fastest of ``--repeats``
 passes) of the bare model against the same model with a MEMoE adapter and with CoachHooK hooks (10 edits each)
 attached, on the records' request and paraphrase prompts in batches of 64. Prints Markdown tables (and writes
 them with the raw figures to ``--output`` JSON). Not a test: nothing is asserted.
@@ -96,15 +99,18 @@ def edit_speed(b: Bench, name: str, sizes: list[int], min_edits: int, skip: set[
         if "skipped" in row:
             rows.append(row)
             continue
-        seconds, peak = 0.0, 0.0
+        seconds, peak, split = 0.0, 0.0, {}
         for start in range(0, n, size):
             with PeakMemory(b.device) as mem:
                 result = editor.apply(b.model, b.tok, [r.request for r in b.records[start : start + size]])
             result.restore()
             seconds, peak = seconds + result.seconds, max(peak, mem.peak_mb)
-        row.update(edits_per_s=n / seconds, seconds=seconds, peak_mb=peak)
+            for part, sec in result.info.get("time_split", {}).items():
+                split[part] = split.get(part, 0.0) + sec
+        row.update(edits_per_s=n / seconds, seconds=seconds, peak_mb=peak, time_split=split)
         rows.append(row)
-        print(f"{name:>10} batch {size:>5}: {n / seconds:8.3f} edits/s, peak {peak:.0f} MiB", flush=True)
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in split.items() if v >= 0.05)
+        print(f"{name:>10} batch {size:>5}: {n / seconds:8.3f} edits/s, peak {peak:.0f} MiB ({parts})", flush=True)
     return rows
 
 
@@ -142,26 +148,30 @@ def inference_overhead(b: Bench, repeats: int) -> list[dict]:
 
 
 def load_bench(model: str, config: str, device: str | None, dtype: str, config_suffix: str, overrides: dict, deadline: float) -> tuple[Bench, dict]:
+    from memoe.data import load_edit_dataset
     from memoe.models import default_device, load_model, model_key, random_model, resolve_dtype
 
+    t0 = time.perf_counter()
+    if model != "testbed" and not model.startswith("random:"):  # a real model edits real facts: memoe's CounterFact sample
+        m, tok = load_model(model, dtype, device or default_device())
+        info = dict(model=model, edits="the shipped CounterFact sample", dtype=dtype, load_seconds=round(time.perf_counter() - t0, 1),
+                    parameters=sum(p.numel() for p in m.parameters()))
+        return Bench(m, tok, load_edit_dataset("counterfact-sample").records, None, config_suffix, overrides, deadline,
+                     model_key(model)), info
     tb = build_testbed(load_config(TestbedConfig, config), progress=True, verbose=False)
     device = device or default_device()
     t0 = time.perf_counter()
     if model == "testbed":
         m, tok = tb.model.to(device=device, dtype=resolve_dtype(dtype)), tb.tokenizer
-    elif model.startswith("random:"):
-        m, tok = random_model(model.split(":", 1)[1], resolve_dtype(dtype), device), tb.tokenizer
     else:
-        m, tok = load_model(model, dtype, device)
+        m, tok = random_model(model.split(":", 1)[1], resolve_dtype(dtype), device), tb.tokenizer
     if m.device.type == "cuda":
         torch.cuda.synchronize()
-    info = dict(model=model, testbed=tb.report["name"], dtype=dtype, load_seconds=round(time.perf_counter() - t0, 1),
+    info = dict(model=model, edits=f"the {tb.report['name']} testbed", dtype=dtype, load_seconds=round(time.perf_counter() - t0, 1),
                 parameters=sum(p.numel() for p in m.parameters()))
     if m.device.type == "cuda":
         info["weights_mib"] = round(torch.cuda.memory_allocated(m.device) / 2**20)
-    real = model not in ("testbed",) and not model.startswith("random:")
-    return Bench(m, tok, tb.dataset.records, None if real else tb.path / "corpus.txt", config_suffix, overrides, deadline,
-                 model_key(model) if real else None), info
+    return Bench(m, tok, tb.dataset.records, tb.path / "corpus.txt", config_suffix, overrides, deadline), info
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -205,12 +215,13 @@ def main(editors: list[str], sizes: list[int], min_edits: int, config: str, thre
         save()
     edits = [r for r in result["editing"] if r["what"] == "edit"]
     if edits:
-        print(f"\nEditing, model {model} ({dtype}), edits from the {info['testbed']} testbed ({info['machine']}); "
+        print(f"\nEditing, model {model} ({dtype}), edits from {info['edits']} ({info['machine']}); "
               f"editor configs from configs/editors/{'*-' + config_suffix if config_suffix else '*'}.yaml"
               + "".join(f", {k}={v}" for k, v in b.overrides.items()) + "\n")
-        print("| editor | batch size | edits/s | peak memory (MiB) |\n|---|---|---|---|")
+        print("| editor | batch size | edits/s | peak memory (MiB) | time split (s) |\n|---|---|---|---|---|")
         for r in edits:
-            cells = f"– ({r['skipped']}) | – |" if "skipped" in r else f"{r['edits_per_s']:.3f} | {r['peak_mb']:.0f} |"
+            split = ", ".join(f"{k} {v:.1f}" for k, v in r.get("time_split", {}).items() if v >= 0.05)
+            cells = f"– ({r['skipped']}) | – | |" if "skipped" in r else f"{r['edits_per_s']:.3f} | {r['peak_mb']:.0f} | {split} |"
             print(f"| {r['editor']} | {r['batch']} | " + cells)
         for r in result["editing"]:
             if r["what"] == "C0":

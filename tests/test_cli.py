@@ -354,6 +354,21 @@ def test_command_line_options_come_from_the_dataclasses():
     assert job.edits.num_edits == 5
 
 
+def test_the_main_job_edits_smollm2_with_the_shipped_records_by_default():
+    """``python train.py``: the real model and the CounterFact sample memoe ships; ``--model testbed`` the testbed job.
+    The help shows the job's own defaults, not those of a bare EditTarget."""
+    from memoe.cli import options, overrides
+
+    p, opts = train.parser()
+    job = train.from_dict(train.TrainJob, overrides(p.parse_args([]), opts))
+    assert (job.edits.model, job.edits.dataset, job.edits.num_edits, job.compare) == ("smollm2-135m", "counterfact-sample", 100, ["memit"])
+    assert job.edits.config_key() == "smollm2-135m"
+    job = train.from_dict(train.TrainJob, overrides(p.parse_args(["--model", "testbed", "--dataset", "synthetic"]), opts))
+    assert job.edits.model is None and job.edits.is_testbed() and job.edits.config_key() is None
+    shown = {o.flag: o.default for o in options(train.TrainJob)}
+    assert shown["--model"] == "smollm2-135m" and shown["--dataset"] == "counterfact-sample"
+
+
 def test_train_align_saves_the_lora_the_lte_editor_attaches(cache, tmp_path, capsys, tiny_testbed):
     from memoe.adapters.lora import lora_layers
     from memoe.editors import make_editor

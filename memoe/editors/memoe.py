@@ -68,5 +68,6 @@ class MEMoEEditor(BypassEditor):
             train = self.prefixes.apply(model, tok, cfg.train)
         info = fit_adapter(model, tok, adapter, requests + replay[-cfg.replay :] if cfg.replay else requests, train, cfg.trainer)
         info.pop("trainer")
+        info["time_split"] = {"training": round(info["seconds"], 3)}
         replay[:] = (replay + requests)[-cfg.replay :] if cfg.replay else []
         return info

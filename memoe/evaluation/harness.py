@@ -123,6 +123,9 @@ class RunResult:
     peak_memory_delta_mb: float
     restores: int
     scoring: dict = field(default_factory=dict)
+    time_split: dict = field(default_factory=dict)
+    """Seconds per part, over all batches: the edit's own parts (closed forms: covariance, targets, keys, solve;
+    MEMoE: training) as its ``info["time_split"]`` gives them, and ``scoring``."""
     config: dict = field(default_factory=dict)
     batches: list[dict] = field(default_factory=list)
     layer: int | None = None
@@ -178,6 +181,7 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
     live: list[EditResult] = []
     current_parts: list[RawScores] = []
     per_batch, n_restores, edit_seconds, peak, peak_delta = [], 0, 0.0, 0.0, 0.0
+    split: dict[str, float] = {}
     checkpoints, next_checkpoint, final = [], checkpoint_every, None
     bar = tqdm(total=len(records), desc=label or f"{editor.name} {mode}", unit="edit", disable=not progress)
     try:
@@ -187,6 +191,8 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
                 result = editor.apply(model, tok, [r.request for r in recs])
             live.append(result)
             edit_seconds += result.seconds
+            for part, sec in result.info.get("time_split", {}).items():
+                split[part] = split.get(part, 0.0) + sec
             peak, peak_delta = max(peak, mem.peak_mb), max(peak_delta, mem.delta_mb)
             part = sc(recs)
             current_parts.append(part)
@@ -221,6 +227,7 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
         peak_memory_mb=round(peak, 1), peak_memory_delta_mb=round(peak_delta, 1), restores=n_restores,
         scoring={"prompts": scored, "seconds": round(scoring_seconds, 3),
                  "prompts_per_second": round(scored / scoring_seconds, 1) if scoring_seconds else None},
+        time_split={**{k: round(v, 3) for k, v in split.items()}, "scoring": round(scoring_seconds, 3)},
         config=asdict(editor.config), batches=per_batch, checkpoints=checkpoints,
     )
 

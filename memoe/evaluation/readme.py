@@ -4,6 +4,7 @@ them is typed by hand.
     python -m memoe.evaluation.readme --testbeds .cache/memoe/testbeds/*/report.json --evals runs/*.json
     python -m memoe.evaluation.readme --studies runs/studies/batch-size-counterfact.json
     python -m memoe.evaluation.readme --methods runs/studies/main-counterfact.json     # the README's method table
+    python -m memoe.evaluation.readme --main-job runs/memoe-adapter/metrics.json       # the README's main-job table
 
 Replaces the text between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` (testbeds, adapters, studies,
 evals in ``--results``; methods in ``--readme``); a study's PNGs are copied to ``docs/studies/`` and linked.
@@ -67,18 +68,23 @@ def evals_section(results: list[tuple[str, dict]]) -> str:
 
 
 def adapters_section(results: list[tuple[str, dict]]) -> str:
-    """``train.py`` results (``<adapter>/metrics.json``): the base beside the adapter, gate on and off."""
+    """``train.py`` results (``<adapter>/metrics.json``): the base beside the adapter, gate on and off, and beside the
+    editors it was compared with on the same edits."""
     parts = []
     for path, res in results:
         t = MetricsTable()
         t.add("pre-edit", res["pre"])
         for label, m in res["adapter"].items():
             t.add(f"memoe, {label}", m)
+        for name, m in res.get("compared", {}).items():
+            t.add(f"{name}, one batch", m)
         cols = tuple(c for c in EVAL_COLUMNS if any(m.get(c) is not None for _, m in t.rows))
-        tr = res["train"]
-        parts.append(f"**{res['dataset']['name']}, {res['dataset']['num_edits']} edits** (`{path}`):\n\n{t.markdown(cols)}\n\n"
-                     f"Training: {tr['steps']} steps in {tr['seconds']} s ({tr['edits_per_second']} edits/s) on "
-                     f"{tr['devices']} device(s), peak resident memory {res['peak_rss_mb']:.0f} MiB.")
+        tr, model = res["train"], res["options"]["edits"].get("model") or "the knowledge testbed"
+        times = "".join(f"; {name} edited in {m['seconds']:.0f} s" for name, m in res.get("compared", {}).items())
+        wall = f"; the whole job {res['wall_seconds'] / 60:.1f} min" if "wall_seconds" in res else ""
+        parts.append(f"**{model}, {res['dataset']['name']}, {res['dataset']['num_edits']} edits** (`{path}`):\n\n"
+                     f"{t.markdown(cols)}\n\nTraining: {tr['steps']} steps in {tr['seconds']} s ({tr['edits_per_second']} "
+                     f"edits/s) on {tr['devices']} device(s){times}{wall}; peak resident memory {res['peak_rss_mb']:.0f} MiB.")
     return "\n\n".join(parts)
 
 
@@ -126,7 +132,8 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 
 def main(results_file: str, readme: str, testbeds: list[str], evals: list[str], adapters: list[str] | None = None,
-         studies: list[str] | None = None, methods: str | None = None, evals_section_name: str = "evals") -> None:
+         studies: list[str] | None = None, methods: str | None = None, evals_section_name: str = "evals",
+         main_job: str | None = None) -> None:
     load = lambda paths: [(p, json.loads(Path(p).read_text())) for p in paths]
     if testbeds or evals or adapters or studies:
         text = Path(results_file).read_text()
@@ -142,6 +149,8 @@ def main(results_file: str, readme: str, testbeds: list[str], evals: list[str], 
         write_text(results_file, text)
     if methods:
         write_text(readme, replace_section(Path(readme).read_text(), "methods", methods_section(json.loads(Path(methods).read_text()))))
+    if main_job:
+        write_text(readme, replace_section(Path(readme).read_text(), "main-job", adapters_section(load([main_job]))))
 
 
 if __name__ == "__main__":
@@ -154,5 +163,6 @@ if __name__ == "__main__":
     ap.add_argument("--studies", nargs="*", default=[], help="evaluate.py --study result JSON files (PNGs beside them)")
     ap.add_argument("--methods", help="a study result over every editor: the README's method table")
     ap.add_argument("--evals-section", default="evals", help="the marker name --evals writes between (default: evals)")
+    ap.add_argument("--main-job", help="the main job's metrics.json (python train.py): the README's main-job table")
     a = ap.parse_args()
-    main(a.results, a.readme, a.testbeds, a.evals, a.adapters, a.studies, a.methods, a.evals_section)
+    main(a.results, a.readme, a.testbeds, a.evals, a.adapters, a.studies, a.methods, a.evals_section, a.main_job)

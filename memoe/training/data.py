@@ -37,6 +37,8 @@ class Row:
     """``edit`` (target NLL on the last ``n_target`` tokens) or ``kl`` (KL from the anchor's last token on)."""
     n_target: int = 0
     request: int = 0
+    index: int = 0
+    """Position in the (shuffled) row list: what the base's cached KL references are keyed by."""
 
 
 def relation_templates(requests: list[EditRequest], i: int, k: int, rng: random.Random, same: bool) -> list[str]:
@@ -63,6 +65,8 @@ def build_rows(tok, requests: list[EditRequest], prefixes: list[str], kl_templat
             ids = tok(tpl.replace("{}", r.subject), add_special_tokens=True)["input_ids"]
             rows.append(Row(ids, subject_span(tok, tpl, r.subject), "kl", 0, i))
     rng.shuffle(rows)
+    for k, r in enumerate(rows):
+        r.index = k
     return rows
 
 
@@ -76,7 +80,7 @@ def collate(rows: list[Row], pad_id: int) -> dict:
     kl_rows, kl_cols = [], []
     for k, r in enumerate(rows):
         if r.kind == "kl":
-            for c in range(r.span[1] - 1, len(r.ids)):
+            for c in kl_columns(r):
                 kl_rows.append(k)
                 kl_cols.append(c)
     return {
@@ -85,7 +89,13 @@ def collate(rows: list[Row], pad_id: int) -> dict:
         "edit_labels": torch.tensor(labels, dtype=torch.long), "edit_owner": torch.tensor(tr, dtype=torch.long),
         "edit_requests": torch.tensor([rows[k].request for k in edit], dtype=torch.long),
         "kl_rows": torch.tensor(kl_rows, dtype=torch.long), "kl_cols": torch.tensor(kl_cols, dtype=torch.long),
+        "row_ids": torch.tensor([r.index for r in rows], dtype=torch.long),
     }
+
+
+def kl_columns(row: Row) -> range:
+    """The columns of a KL row whose next-token distributions must stay the base's: from the anchor's last token on."""
+    return range(row.span[1] - 1, len(row.ids))
 
 
 class StepBatches(Sampler):

@@ -5,7 +5,8 @@ loss = mean over edit rows of the new target's NLL
      + aux_factor · the adapter's auxiliary loss (MEMoE: load balancing; CoachHooK: C0 preservation), if any
 
 The base model is *not* a submodule: Lightning never moves, checkpoints or broadcasts it, and it cannot
-enter the optimizer. Only the adapter's parameters are trained and saved.
+enter the optimizer. Only the adapter's parameters are trained and saved. The base's KL references do not change
+while the adapter trains: they are computed once, before the first step (bounded by ``KL_CACHE_BYTES``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from memoe.batching import row_mean, token_nll
+from memoe.batching import pad_batch, row_mean, token_nll
 from memoe.config import bounds
 from memoe.contexts import ContextOptions
+from memoe.training.data import Row, kl_columns
+
+#: The base's KL reference distributions are cached when they fit in this many bytes; else recomputed every step.
+KL_CACHE_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -52,11 +57,13 @@ class TrainConfig(ContextOptions):
 
 
 class AdapterTrainingModule(L.LightningModule):
-    def __init__(self, model, adapter, cfg: TrainConfig):
+    def __init__(self, model, adapter, cfg: TrainConfig, rows: list[Row] | None = None):
         super().__init__()
         self.__dict__["base"] = model  # plain attribute: see the module docstring
         self.adapter = adapter
         self.cfg = cfg
+        self.rows = rows or []  # the training rows, whose KL references are cached at the start
+        self.kl_ref: dict[int, torch.Tensor] | None = None  # row index -> (KL columns, V) base log-probabilities
         self.row_nll: dict[int, float] = {}  # request index -> worst NLL of its rows in the latest pass
 
     def on_train_epoch_start(self) -> None:
@@ -66,6 +73,26 @@ class AdapterTrainingModule(L.LightningModule):
         if next(self.base.parameters()).device != self.device:  # one process per device under DDP
             self.base.to(self.device)
         self.adapter.train()
+        self.kl_ref = self._kl_references()
+
+    @torch.no_grad()
+    def _kl_references(self, batch_size: int = 64) -> dict[int, torch.Tensor] | None:
+        """The base's next-token log-probabilities at every KL row's KL columns, computed once (adapter off)."""
+        kl = [r for r in self.rows if r.kind == "kl"]
+        head = self.base.get_output_embeddings()
+        vocab = head.weight.shape[0]
+        if not kl or self.cfg.kl_factor == 0 or sum(len(kl_columns(r)) for r in kl) * vocab * 4 > KL_CACHE_BYTES:
+            return None
+        pad_id = self.base.config.pad_token_id if self.base.config.pad_token_id is not None else 0
+        out = {}
+        with self.adapter.disabled():
+            for i in range(0, len(kl), batch_size):
+                chunk = kl[i : i + batch_size]
+                ids, mask = pad_batch([r.ids for r in chunk], pad_id, self.device)
+                hidden = self.base.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+                for b, r in enumerate(chunk):
+                    out[r.index] = torch.log_softmax(head(hidden[b, list(kl_columns(r))]).float(), -1)  # (cols, V)
+        return out
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.adapter.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -93,10 +120,13 @@ class AdapterTrainingModule(L.LightningModule):
                 worst[req] = max(worst.get(req, 0.0), v)
             self.row_nll.update(worst)
         if self.cfg.kl_factor > 0 and len(batch["kl_rows"]):
-            rows, where = batch["kl_rows"].unique(return_inverse=True)  # the base pass runs on the KL rows only
-            with torch.no_grad(), self.adapter.disabled():
-                ref = base.base_model(input_ids=batch["ids"][rows], attention_mask=batch["mask"][rows]).last_hidden_state
-                ref_logp = torch.log_softmax(head(ref[where, batch["kl_cols"]]).float(), -1)
+            if self.kl_ref is not None:  # collate lists each KL row's columns in order, rows in batch order
+                ref_logp = torch.cat([self.kl_ref[int(batch["row_ids"][k])] for k in dict.fromkeys(batch["kl_rows"].tolist())])
+            else:
+                rows, where = batch["kl_rows"].unique(return_inverse=True)  # the base pass runs on the KL rows only
+                with torch.no_grad(), self.adapter.disabled():
+                    ref = base.base_model(input_ids=batch["ids"][rows], attention_mask=batch["mask"][rows]).last_hidden_state
+                    ref_logp = torch.log_softmax(head(ref[where, batch["kl_cols"]]).float(), -1)
             logp = torch.log_softmax(head(hidden[batch["kl_rows"], batch["kl_cols"]]).float(), -1)
             kl = F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")
             loss = loss + self.cfg.kl_factor * kl

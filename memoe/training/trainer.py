@@ -210,7 +210,7 @@ def fit_adapter(model, tok, adapter, requests, cfg: TrainConfig, opts: TrainerOp
     torch.manual_seed(cfg.seed)
     dm = EditDataModule(tok, requests, cfg.context_prefixes, cfg.kl_templates, cfg.batch_size, cfg.seed, cfg.kl_other_relations,
                         cfg.same_relation_templates)
-    module = AdapterTrainingModule(model, adapter, cfg)
+    module = AdapterTrainingModule(model, adapter, cfg, dm.rows)
     callbacks = [StopAtLoss(cfg.stop_loss)] if cfg.stop_loss > 0 else []
     resume = resume_path(opts)
     t0 = time.perf_counter()

@@ -60,6 +60,7 @@ def test_modes_apply_and_restore_as_defined(mode, batches, keeps, tiny_testbed):
         {"applied": i + 1, "alpha": {"0": 0.5}} for i in range(batches)]
     assert all(isinstance(b["info"][k], float) for b in r.batches for k in nll_keys)
     assert r.edits_per_second > 0 and r.peak_memory_mb > 0
+    assert set(r.time_split) == {"scoring"} and r.time_split["scoring"] > 0  # the spy reports no parts of its own
 
 
 def test_batches_for():

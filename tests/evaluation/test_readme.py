@@ -41,14 +41,23 @@ def test_readme_written_from_result_files(tmp_path):
 def test_adapter_section_from_train_metrics(tmp_path):
     m = lambda e: {"cf_efficacy": e, "cf_paraphrase": 0.5, "cf_neighbourhood": 0.75, "cf_score": 0.7}  # noqa: E731
     res = {"pre": m(0.0), "dataset": {"name": "synthetic", "num_edits": 9}, "adapter": {"gate on": m(1.0), "gate off": m(0.9)},
-           "train": {"steps": 40, "seconds": 12.5, "edits_per_second": 0.72, "devices": 1}, "peak_rss_mb": 700.0}
+           "train": {"steps": 40, "seconds": 12.5, "edits_per_second": 0.72, "devices": 1}, "peak_rss_mb": 700.0,
+           "options": {"edits": {"model": None}}}
     (tmp_path / "metrics.json").write_text(json.dumps(res))
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:adapters -->\n<!-- /results:adapters -->\n")
     main(str(readme), "", [], [], [str(tmp_path / "metrics.json")])
     text = readme.read_text()
     assert "| memoe, gate on | 1.000 | 0.500 | 0.750 | 0.700 |" in text and "| memoe, gate off | 0.900 |" in text
-    assert "40 steps in 12.5 s (0.72 edits/s)" in text
+    assert "40 steps in 12.5 s (0.72 edits/s)" in text and "**the knowledge testbed, synthetic, 9 edits**" in text
+    # the main job on a real model, with MEMIT beside it, into the README's own marker
+    res.update(options={"edits": {"model": "smollm2-135m"}}, compared={"memit": {**m(0.97), "seconds": 258.4}}, wall_seconds=540.0)
+    (tmp_path / "metrics.json").write_text(json.dumps(res))
+    readme.write_text("<!-- results:main-job -->\n<!-- /results:main-job -->\n")
+    main("", str(readme), [], [], main_job=str(tmp_path / "metrics.json"))
+    text = readme.read_text()
+    assert "**smollm2-135m, synthetic, 9 edits**" in text and "| memit, one batch | 0.970 | 0.500 |" in text
+    assert "memit edited in 258 s; the whole job 9.0 min" in text
 
 
 def test_study_section_with_table_winners_and_copied_plots(tmp_path):

@@ -112,3 +112,26 @@ def test_same_relation_rows_ask_the_requests_fact_in_the_batchs_other_wordings(t
             extra += 1
             assert any(o.relation == req.relation and o.prompt.replace("{}", req.subject) == prompt for o in reqs)
     assert extra == len(rows) - len(reqs)
+
+
+def test_cached_kl_references_give_the_per_step_loss(tiny_testbed):
+    """The base's KL references are computed once before training; a step's loss is the one recomputing them gives."""
+    from memoe.training.data import collate
+
+    model, adapter, recs = setup_adapter(tiny_testbed)
+    tok = tiny_testbed.tokenizer
+    rows = build_rows(tok, [r.request for r in recs], ["It rained."], ["{} is a", "{} was born in"], seed=0)
+    module = AdapterTrainingModule(model, adapter, TrainConfig(kl_factor=1.0, aux_factor=0.0), rows)
+    module.kl_ref = module._kl_references()
+    assert sorted(module.kl_ref) == sorted(r.index for r in rows if r.kind == "kl")
+    with torch.no_grad():  # the adapter's experts start at zero: give them weight, so the KL term is not zero
+        for p in adapter.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    batch = collate(rows[3:15], tok.pad_token_id)
+    assert len(batch["kl_rows"])
+    module.log = lambda *a, **k: None
+    cached = module.training_step(batch, 0)
+    module.kl_ref = None
+    recomputed = module.training_step(batch, 0)
+    assert cached.item() > 0 and cached.item() == pytest.approx(recomputed.item(), rel=1e-5)
+    detach(model)

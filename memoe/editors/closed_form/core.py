@@ -32,7 +32,7 @@ from memoe.config import bounds
 from memoe.contexts import ContextOptions, prefixed
 from memoe.data.records import EditRequest
 from memoe.editors.base import EditorConfig, WeightEditor, scratch_weights
-from memoe.editors.closed_form.stats import corpus_identity, layer_stats, resolve_corpus
+from memoe.editors.closed_form.stats import corpus_identity, layers_stats, resolve_corpus
 from memoe.errors import ConfigError
 from memoe.models.arch import model_parts
 from memoe.tokens import fact_position
@@ -275,17 +275,18 @@ def _with_delta(h: torch.Tensor, b: TargetBatch, d: torch.Tensor) -> torch.Tenso
 class C0Memo:
     """Per-model, in-memory C0 for editors built on this core (closed-form editors, CoachHooK)."""
 
-    def stats(self, model, tok, layer: int) -> torch.Tensor:
-        """C0 of ``layer``, from the model as it was when this editor first saw it. Held in memory per model:
-        in sequential modes the edited weights change the model fingerprint, and C0 must stay the unedited
-        model's statistics (not be recomputed, and re-cached, after every batch)."""
+    def stats(self, model, tok, layers: list[int]) -> dict[int, torch.Tensor]:
+        """C0 of each of ``layers``, from the model as it was when this editor first saw it (the missing ones in one
+        pass). Held in memory per model: in sequential modes the edited weights change the model fingerprint, and C0
+        must stay the unedited model's statistics (not be recomputed, and re-cached, after every batch)."""
         if not hasattr(self, "_c0"):
             self._c0: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         per_layer = self._c0.setdefault(model, {})
-        if layer not in per_layer:
+        missing = [l for l in layers if l not in per_layer]
+        if missing:
             cfg = self.config
-            per_layer[layer] = layer_stats(model, tok, layer, cfg.stats_corpus, cfg.stats_samples, cfg.stats_cache)
-        return per_layer[layer]
+            per_layer.update(layers_stats(model, tok, missing, cfg.stats_corpus, cfg.stats_samples, cfg.stats_cache))
+        return {l: per_layer[l] for l in layers}
 
     def stats_corpus_used(self, model) -> str:
         """The corpus C0 comes from, as the statistics cache keys it (``auto`` resolved, files by content hash)."""
@@ -298,7 +299,7 @@ class C0Memo:
     def layer_covs(self, model, tok, layers: list[int]) -> dict[int, torch.Tensor]:
         """C0 per edit layer, each checked against the layer's input width."""
         parts = model_parts(model)
-        covs = {l: self.stats(model, tok, l) for l in layers}
+        covs = self.stats(model, tok, layers)
         for l, C in covs.items():
             d = parts.down_proj_weight(l).shape[1]
             if C.shape != (d, d):

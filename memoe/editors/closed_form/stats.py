@@ -145,69 +145,104 @@ def corpus_texts(source: str, model=None, tok=None, samples: int = 20_000, max_l
 
 
 @torch.no_grad()
-def second_moment(model, tok, texts: Iterable[str], layer: int, samples: int, batch_size: int = 32,
-                  max_length: int = 128, progress: bool = True) -> tuple[torch.Tensor, int]:
-    """(d, d) float64 mean of k kᵀ over up to ``samples`` non-padding tokens; returns (C0, tokens used)."""
+def second_moments(model, tok, texts: Iterable[str], layers: list[int], samples: int, batch_size: int = 32,
+                   max_length: int = 128, progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
+    """Per layer, the (d, d) float64 mean of k kᵀ over the same ``samples`` non-padding tokens, all ``layers`` read in
+    one pass that stops at the highest; returns ({layer: C0}, tokens used)."""
     parts = model_parts(model)
-    name = parts.name("down_proj", layer)
+    names = {l: parts.name("down_proj", l) for l in layers}
     device = model_device(model)
-    acc: torch.Tensor | None = None
+    acc: dict[int, torch.Tensor] = {}
     count = 0
     it = iter(texts)
-    bar = tqdm(total=samples, desc=f"key statistics, layer {layer}", unit="tok", disable=not progress, leave=False)
+    which = ", ".join(map(str, layers))
+    bar = tqdm(total=samples, desc=f"key statistics, layer{'s' if len(layers) > 1 else ''} {which}", unit="tok",
+               disable=not progress, leave=False)
     while count < samples:
         chunk = list(itertools.islice(it, batch_size))
         if not chunk:
             break
         ids = [x[:max_length] for x in tok(chunk, add_special_tokens=True)["input_ids"]]
         batch, mask = pad_batch(ids, tok.pad_token_id, device)
-        with nethook.capture(model, [name], inputs=True, stop=True) as store:  # the layers above never run
+        with nethook.capture(model, list(names.values()), inputs=True, stop=True) as store:  # the layers above never run
             model.base_model(input_ids=batch, attention_mask=mask)
-        k = store[name][mask.bool()].double()  # (tokens, d): padding never enters the statistics
-        k = k[: samples - count]
-        acc = k.T @ k if acc is None else acc + k.T @ k
-        count += k.shape[0]
-        bar.update(k.shape[0])
+        n = 0
+        for l, name in names.items():
+            k = store[name][mask.bool()].double()[: samples - count]  # (tokens, d): padding never enters the statistics
+            acc[l] = k.T @ k if l not in acc else acc[l] + k.T @ k
+            n = k.shape[0]
+        count += n
+        bar.update(n)
     bar.close()
-    if acc is None or count == 0:
+    if not acc or count == 0:
         raise DataError("the stats corpus yielded no tokens")
-    return acc / count, count
+    return {l: C / count for l, C in acc.items()}, count
+
+
+def second_moment(model, tok, texts: Iterable[str], layer: int, samples: int, batch_size: int = 32,
+                  max_length: int = 128, progress: bool = True) -> tuple[torch.Tensor, int]:
+    """(d, d) float64 mean of k kᵀ over up to ``samples`` non-padding tokens of one layer; returns (C0, tokens used)."""
+    C, count = second_moments(model, tok, texts, [layer], samples, batch_size, max_length, progress)
+    return C[layer], count
 
 
 def _cache_path(cache_dir: Path, fingerprint: str, layer: int, samples: int, dtype: str, corpus: str) -> Path:
     return cache_dir / "stats" / fingerprint / f"layer{layer}-n{samples}-{dtype}-{stable_hash(corpus, 8)}.safetensors"
 
 
-def layer_stats(model, tok, layer: int, corpus: str = "auto", samples: int = 20_000, cache_dir: str | os.PathLike | None = None,
-                batch_size: int = 32, max_length: int = 128, progress: bool = True) -> torch.Tensor:
-    """C0 for ``layer``, from the cache when a valid entry exists, else computed and cached."""
+def _read_cached(path: Path, meta: dict, d: int) -> torch.Tensor | None:
+    """The cached C0 at ``path`` if it exists and checks out (metadata, shape, symmetry, content hash); else None."""
+    if not path.exists():
+        return None
+    try:
+        stored = tensor_metadata(path)
+        bad = [k for k, v in meta.items() if stored.get(k) != v]
+        if bad:
+            raise CacheError(f"metadata mismatch in {bad}")
+        C = load_tensors(path)["C0"]
+        if C.shape != (d, d) or C.dtype != torch.float64 or not torch.isfinite(C).all() or not torch.allclose(C, C.T):
+            raise CacheError(f"bad matrix (shape {tuple(C.shape)}, dtype {C.dtype})")
+        if stored.get("sha256") != _tensor_sha(C):
+            raise CacheError("the matrix does not match its stored content hash")
+        return C
+    except (CacheError, KeyError) as e:  # KeyError: a safetensors file without the "C0" tensor
+        warnings.warn(f"key statistics cache {path} is unusable ({e}); recomputing", stacklevel=3)
+        return None
+
+
+def layers_stats(model, tok, layers: list[int], corpus: str = "auto", samples: int = 20_000,
+                 cache_dir: str | os.PathLike | None = None, batch_size: int = 32, max_length: int = 128,
+                 progress: bool = True) -> dict[int, torch.Tensor]:
+    """C0 for each of ``layers``: from the cache where a valid entry exists; the others computed in one pass over the
+    corpus and cached."""
     parts = model_parts(model)
-    layer = parts.check_layer(layer)
-    d = parts.down_proj_weight(layer).shape[1]
+    layers = sorted({parts.check_layer(l) for l in layers})
     fp, dtype = model_fingerprint(model), str(next(model.parameters()).dtype).replace("torch.", "")
     corpus = resolve_corpus(corpus, model)
     identity = corpus_identity(corpus)
-    path = _cache_path(Path(cache_dir or default_cache_dir()), fp, layer, samples, dtype, identity)
-    meta = {"format": STATS_FORMAT, "fingerprint": fp, "layer": str(layer), "samples": str(samples), "dtype": dtype,
-            "corpus": identity}
-    if path.exists():
-        try:
-            stored = tensor_metadata(path)
-            bad = [k for k, v in meta.items() if stored.get(k) != v]
-            if bad:
-                raise CacheError(f"metadata mismatch in {bad}")
-            C = load_tensors(path)["C0"]
-            if C.shape != (d, d) or C.dtype != torch.float64 or not torch.isfinite(C).all() or not torch.allclose(C, C.T):
-                raise CacheError(f"bad matrix (shape {tuple(C.shape)}, dtype {C.dtype})")
-            if stored.get("sha256") != _tensor_sha(C):
-                raise CacheError("the matrix does not match its stored content hash")
-            return C
-        except (CacheError, KeyError) as e:  # KeyError: a safetensors file without the "C0" tensor
-            warnings.warn(f"key statistics cache {path} is unusable ({e}); recomputing", stacklevel=2)
-    texts = corpus_texts(corpus, model, tok, samples, max_length)
-    C, count = second_moment(model, tok, texts, layer, samples, batch_size, max_length, progress)
-    save_tensors(path, {"C0": C}, metadata={**meta, "count": str(count), "sha256": _tensor_sha(C)})
-    return C
+    out, paths, metas = {}, {}, {}
+    for l in layers:
+        paths[l] = _cache_path(Path(cache_dir or default_cache_dir()), fp, l, samples, dtype, identity)
+        metas[l] = {"format": STATS_FORMAT, "fingerprint": fp, "layer": str(l), "samples": str(samples), "dtype": dtype,
+                    "corpus": identity}
+        C = _read_cached(paths[l], metas[l], parts.down_proj_weight(l).shape[1])
+        if C is not None:
+            out[l] = C
+    missing = [l for l in layers if l not in out]
+    if missing:
+        texts = corpus_texts(corpus, model, tok, samples, max_length)
+        computed, count = second_moments(model, tok, texts, missing, samples, batch_size, max_length, progress)
+        for l, C in computed.items():
+            save_tensors(paths[l], {"C0": C}, metadata={**metas[l], "count": str(count), "sha256": _tensor_sha(C)})
+            out[l] = C
+    return out
+
+
+def layer_stats(model, tok, layer: int, corpus: str = "auto", samples: int = 20_000, cache_dir: str | os.PathLike | None = None,
+                batch_size: int = 32, max_length: int = 128, progress: bool = True) -> torch.Tensor:
+    """C0 for ``layer``, from the cache when a valid entry exists, else computed and cached."""
+    layer = model_parts(model).check_layer(layer)
+    return layers_stats(model, tok, [layer], corpus, samples, cache_dir, batch_size, max_length, progress)[layer]
 
 
 def _tensor_sha(t: torch.Tensor) -> str:

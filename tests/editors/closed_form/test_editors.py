@@ -93,7 +93,7 @@ def test_rome_takes_one_layer():
 def test_wrong_covariance_shape_is_named(tiny_testbed, monkeypatch):
     tb = tiny_testbed
     ed = editor_class("emmet")(FAST)
-    monkeypatch.setattr(ed, "stats", lambda model, tok, layer: torch.eye(3, dtype=torch.float64))
+    monkeypatch.setattr(ed, "stats", lambda model, tok, layers: {l: torch.eye(3, dtype=torch.float64) for l in layers})
     before = {k: v.clone() for k, v in tb.model.state_dict().items()}
     with pytest.raises(ValueError, match="covariance for layer 0 has shape \\(3, 3\\)"):
         ed.apply(tb.model, tb.tokenizer, [tb.dataset[0].request])
@@ -103,10 +103,10 @@ def test_wrong_covariance_shape_is_named(tiny_testbed, monkeypatch):
 def test_c0_stays_the_unedited_models_across_sequential_edits(tiny_testbed, tmp_path):
     tb = tiny_testbed
     ed = editor_class("memit")({**FAST, "layers": [0, 1], "stats_cache": str(tmp_path)})
-    c_before = ed.stats(tb.model, tb.tokenizer, 1).clone()
+    c_before = ed.stats(tb.model, tb.tokenizer, [1])[1].clone()
     r1 = ed.apply(tb.model, tb.tokenizer, [tb.dataset[0].request])
     try:
-        assert torch.equal(ed.stats(tb.model, tb.tokenizer, 1), c_before)  # the edited model is not re-measured
+        assert torch.equal(ed.stats(tb.model, tb.tokenizer, [1])[1], c_before)  # the edited model is not re-measured
         r2 = ed.apply(tb.model, tb.tokenizer, [tb.dataset[1].request])
         r2.restore()
     finally:

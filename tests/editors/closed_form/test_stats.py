@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from memoe import nethook
-from memoe.editors.closed_form.stats import layer_stats, second_moment
+from memoe.editors.closed_form import stats
+from memoe.editors.closed_form.stats import layer_stats, layers_stats, second_moment, second_moments
 from memoe.models import model_parts
 
 
@@ -26,6 +27,21 @@ def test_second_moment_equals_direct_computation_and_ignores_padding(tiny_testbe
 def test_sample_cap(tiny_testbed):
     C, n = second_moment(tiny_testbed.model, tiny_testbed.tokenizer, ["a b c d e f"] * 10, layer=0, samples=13, progress=False)
     assert n == 13
+
+
+def test_several_layers_in_one_pass_are_each_layers_own(tiny_testbed, tmp_path, monkeypatch):
+    """MEMIT's edit layers read in one pass over the corpus (stopping at the highest) give each layer's C0, cached
+    per layer; a later call finds them all in the cache."""
+    tb = tiny_testbed
+    texts = ["Kalo Mira was born in Paris.", "Short.", "The birthplace of someone is somewhere far away."] * 4
+    together, n = second_moments(tb.model, tb.tokenizer, texts, [0, 2], samples=60, batch_size=5, progress=False)
+    for layer in (0, 2):
+        alone, m = second_moment(tb.model, tb.tokenizer, texts, layer, samples=60, batch_size=5, progress=False)
+        assert n == m == 60 and torch.allclose(together[layer], alone, rtol=1e-12, atol=1e-15)
+    C = layers_stats(tb.model, tb.tokenizer, [2, 0], samples=300, cache_dir=tmp_path, progress=False)
+    assert sorted(C) == [0, 2] and len(list((tmp_path / "stats").rglob("*.safetensors"))) == 2
+    monkeypatch.setattr(stats, "second_moments", lambda *a, **k: pytest.fail("recomputed a cached layer"))
+    assert torch.equal(layer_stats(tb.model, tb.tokenizer, 2, samples=300, cache_dir=tmp_path, progress=False), C[2])
 
 
 def test_stats_cache_is_validated(tiny_testbed, tmp_path):
