@@ -40,6 +40,7 @@ from memoe.evaluation.generation import greedy_answers
 from memoe.evaluation.metrics import MetricsTable, compute_metrics, raw_scores
 from memoe.experiment import EditTarget, Job, load_subject
 from memoe.io import write_json
+from memoe.models import load_model
 from memoe.testbed import format_report
 from memoe.training import TrainerOptions
 from memoe.training.alignment import AlignConfig, alignment_rows, fit_alignment, save_alignment
@@ -104,7 +105,8 @@ def run(argv: list[str] | None = None) -> int:
     editor.adapter(model).save(out)  # saved before scoring: a failure there loses no training
     detach(model)  # the trained model is the base again
     # The saved adapter on a freshly loaded base: what a user who ships the adapter gets.
-    fresh = load_subject(job.edits, progress=False).model if job.edits.model else model
+    e = job.edits  # the model alone: the records are already loaded
+    fresh = load_model(e.model, e.dtype, e.device)[0] if e.model else model
     adapter = attach(fresh, out)
     table = MetricsTable()
     table.add("pre-edit", compute_metrics(pre, pre))
