@@ -8,6 +8,7 @@ rows are right-padded, and the LM head runs only at the positions that predict t
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -115,3 +116,13 @@ def row_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Ten
     or per-row NLLs -> each request's mean over its prompts."""
     counts = torch.bincount(rows, minlength=n_rows).to(values.dtype)
     return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values) / counts
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword a causal LM takes its KV cache by (``cache`` in transformers 5, ``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output) -> object:
+    """The KV cache a causal LM's forward returned (``cache`` in transformers 5, ``past_key_values`` before)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]

@@ -92,8 +92,11 @@ class Grid:
     """Editing modes: single, batch, sequential, sequential-batch."""
     batch_sizes: list[int] = field(default_factory=lambda: [10], metadata=bounds(1, nonempty=True))
     """Batch sizes of the batch modes (single and sequential use 1); a size above ``num_edits`` runs as one batch of all."""
+    mode_batch_sizes: dict[str, list[int]] = field(default_factory=dict)
+    """Mode -> its own batch sizes instead of ``batch_sizes`` (e.g. batch at 100, sequential-batch at 10). YAML only."""
     editor_batch_sizes: dict[str, list[int]] = field(default_factory=dict)
-    """Editor name -> its own batch sizes instead of ``batch_sizes`` (e.g. ROME only at 1). YAML only."""
+    """Editor name -> its own batch sizes instead of ``batch_sizes`` or ``mode_batch_sizes`` (e.g. ROME only at 1).
+    YAML only."""
     skip: dict[str, str] = field(default_factory=dict, metadata={"cli": False})
     """Run (``"<editor> <mode> b=<B>"``) -> why it is left out; listed with the skipped runs. YAML only."""
     layers: list[int] | None = None
@@ -261,7 +264,7 @@ def plan(exp: Experiment) -> tuple[list[RunSpec], list[dict]]:
             for mode in g.modes:
                 m = get_mode(mode)
                 seen = set()  # runs and skips of this editor and mode so far
-                for requested in g.editor_batch_sizes.get(editor, g.batch_sizes):
+                for requested in g.editor_batch_sizes.get(editor, g.mode_batch_sizes.get(mode, g.batch_sizes)):
                     spec = RunSpec(editor, mode, m.batch_size(min(requested, n)), layer)
                     asked = RunSpec(editor, mode, m.batch_size(requested), layer)
                     if asked in seen:
@@ -299,8 +302,24 @@ def definition(exp: Experiment) -> dict:
     return {**d, "config_contents": config_contents(exp)}
 
 
-def _resume(out: Path, exp: Experiment) -> dict:
-    """Completed runs of an earlier attempt of the same experiment at ``out`` (empty when there is none)."""
+#: Grid fields that only choose which runs exist: a study resumed with other values keeps the runs still planned.
+SELECTION_FIELDS = ("editors", "modes", "batch_sizes", "mode_batch_sizes", "editor_batch_sizes", "skip")
+
+
+def _editor_settings(d: dict, editor: str) -> list:
+    """What decides one editor's runs in a stored definition: its YAML's contents, config path and overrides."""
+    g = d.get("grid") or {}
+    return [(d.get("config_contents") or {}).get(f"editor {editor}"), (g.get("editor_configs") or {}).get(editor),
+            (g.get("editor_overrides") or {}).get(editor)]
+
+
+def _resume(out: Path, exp: Experiment, log=print) -> dict:
+    """Completed runs of an earlier attempt of the same experiment at ``out`` (empty when there is none).
+
+    The same experiment: the same edits, scoring and testbed config, and the same grid but for the fields that only
+    choose which runs exist (``SELECTION_FIELDS``). A run is kept while it is still planned and its editor's
+    settings (YAML contents, config path, overrides) are what they were then, so editors, modes and batch sizes can
+    be added to a study, and one editor retuned, without redoing the other runs."""
     if not out.exists():
         return {}
     try:
@@ -311,11 +330,19 @@ def _resume(out: Path, exp: Experiment) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ConfigError(f"{out} is not a memoe result file ({e}); move it away or pass --restart") from None
     new_def = json.loads(json.dumps(definition(exp)))  # tuples -> lists, as stored
-    for k in new_def:
-        if old_def.get(k) != new_def[k]:
-            raise ConfigError(f"{out} holds a different experiment ({k!r}: {old_def.get(k)!r} there, {new_def[k]!r} now); "
+    per_editor = SELECTION_FIELDS + ("editor_configs", "editor_overrides")
+    shared = lambda d: {**d, "grid": {k: v for k, v in (d.get("grid") or {}).items() if k not in per_editor},
+                        "config_contents": {k: v for k, v in (d.get("config_contents") or {}).items() if not k.startswith("editor ")}}
+    old_shared, new_shared = shared(old_def), shared(new_def)
+    for k in new_shared:
+        if old_shared.get(k) != new_shared[k]:
+            raise ConfigError(f"{out} holds a different experiment ({k!r}: {old_shared.get(k)!r} there, {new_shared[k]!r} now); "
                               "pass --restart to start over or choose another output")
-    return runs
+    planned = {s.key for s in plan(exp)[0]}
+    changed = {e for e in exp.grid.editors if _editor_settings(old_def, e) != _editor_settings(new_def, e)}
+    for e in sorted(changed & {r.get("editor") for r in runs.values()}):
+        log(f"{out}: the settings of {e} changed since its runs were made; they run again")
+    return {k: r for k, r in runs.items() if k in planned and r.get("editor") not in changed}
 
 
 # -- the runner -----------------------------------------------------------------------------------------------
@@ -344,7 +371,7 @@ def run_experiment(exp: Experiment, resume: bool = False, subject: Subject | Non
 
     for spec in specs:  # every editor and its config checked (and made once) before the model loads
         editor_for(spec)
-    done = _resume(out, exp) if resume else {}
+    done = _resume(out, exp, log) if resume else {}
     if done:
         log(f"resuming {out}: {sum(s.key in done for s in specs)} of {len(specs)} runs already done")
     subject = subject or load_subject(exp.edits, exp.progress, exp.scoring.batch_size)

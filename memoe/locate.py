@@ -21,7 +21,6 @@ with respect to the scaled activations only (never the weights).
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from memoe import nethook
-from memoe.batching import model_device
+from memoe.batching import cache_keyword, cache_of, model_device
 from memoe.config import bounds
 from memoe.errors import DataError
 from memoe.io import atomic_path
@@ -78,15 +77,6 @@ class FactNeurons:
         return counts
 
 
-def _cache_kw(model: nn.Module) -> str:
-    """The keyword a causal LM takes its KV cache by (``cache`` in transformers 5, ``past_key_values`` before)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(output) -> object:
-    return output["cache"] if "cache" in output else output["past_key_values"]
-
-
 def integrated_gradients(model: nn.Module, ids: list[int], answer: int, layers: list[int], steps: int = 20,
                          max_rows: int = 320) -> Attribution:
     """Attributions (len(layers), I) of every MLP neuron of ``layers`` (distinct) at the last of ``ids`` (token ids,
@@ -96,12 +86,12 @@ def integrated_gradients(model: nn.Module, ids: list[int], answer: int, layers: 
     parts = model_parts(model)
     layers = list(dict.fromkeys(parts.check_layer(l) for l in layers))
     names = [parts.name("down_proj", l) for l in layers]
-    device, kw = model_device(model), _cache_kw(model)
+    device, kw = model_device(model), cache_keyword(model)
     x = torch.tensor([ids], device=device)  # (1, T)
 
     # The prompt but its last token, once; then the last token alone, recording the clean activations a.
     with torch.no_grad():
-        past = _cache_of(model(input_ids=x[:, :-1], use_cache=True)) if len(ids) > 1 else None
+        past = cache_of(model(input_ids=x[:, :-1], use_cache=True)) if len(ids) > 1 else None
         with nethook.capture(model, names, inputs=True) as acts:
             logits = model(input_ids=x[:, -1:], **{kw: copy.deepcopy(past)}, use_cache=past is not None).logits
         p_answer = torch.softmax(logits[0, -1].float(), -1)[answer].item()

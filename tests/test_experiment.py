@@ -70,6 +70,11 @@ def test_plan_runs_a_batch_above_the_edits_once_as_one_batch_of_all():
     runs, skipped = plan(exp)
     assert [r.key for r in runs] == ["memit batch b=1", "memit single b=1", "rome batch b=1", "rome single b=1"]
     assert [(run_label(s), s["reason"]) for s in skipped][0] == ("memit batch b=20", "too slow here")
+    exp.grid.skip, exp.grid.mode_batch_sizes = {}, {"batch": [20], "sequential-batch": [5]}
+    exp.grid.modes = ["single", "batch", "sequential-batch"]
+    runs, _ = plan(exp)
+    assert [r.key for r in runs] == ["memit single b=1", "memit batch b=20", "memit sequential-batch b=5",
+                                     "rome single b=1", "rome batch b=1", "rome sequential-batch b=1"]  # rome: its own [1]
 
 
 def test_bad_study_options_are_named(capsys):
@@ -204,18 +209,43 @@ def test_killed_study_resumes(cache, tmp_path):
         assert res["runs"][key] == r
 
 
-def test_a_study_whose_config_files_changed_is_not_resumed(cache, tmp_path, capsys):
+def test_a_study_reruns_only_the_runs_whose_config_changed(cache, tmp_path, monkeypatch, capsys):
     """The result file stored config *paths*: a YAML edited between an interrupted run and its resumption mixed runs
-    made under both settings, silently. It stores their contents now, and the changed study is refused."""
+    made under both settings, silently. It stores their contents now: the runs of an editor whose YAML changed run
+    again, the other editors' runs are kept, an editor or batch size added to the grid just adds its runs, and a
+    changed testbed config refuses the whole file."""
     ft_yaml = tmp_path / "ft.yaml"
     ft_yaml.write_text("method: ft\nlr: 0.005\nsteps: 5\n")
-    path = write_study(tmp_path, editors=["ft"], modes=["batch"], batch_sizes=[3], editor_configs={"ft": str(ft_yaml)})
+    path = write_study(tmp_path, editors=["ft", "kn"], modes=["batch"], batch_sizes=[3], editor_configs={"ft": str(ft_yaml)})
     assert evaluate.main(["--study", str(path)]) == 0
-    stored = json.loads((tmp_path / "study.json").read_text())["definition"]["config_contents"]
+    out = tmp_path / "study.json"
+    first = json.loads(out.read_text())
+    stored = first["definition"]["config_contents"]
     assert stored["editor ft"] == {"method": "ft", "lr": 0.005, "steps": 5} and "testbed" in stored
+    real, calls = exp_mod.run_mode, []
+    monkeypatch.setattr(exp_mod, "run_mode", lambda editor, *a, **kw: calls.append(editor.name) or real(editor, *a, **kw))
     ft_yaml.write_text("method: ft\nlr: 0.5\nsteps: 1\n")
+    assert evaluate.main(["--study", str(path)]) == 0
+    assert calls == ["ft"] and "the settings of ft changed since its runs were made" in capsys.readouterr().out
+    second = json.loads(out.read_text())
+    assert second["runs"]["ft batch b=3"]["config"]["lr"] == 0.5 and second["runs"]["kn batch b=3"] == first["runs"]["kn batch b=3"]
+    calls.clear()
+    spec = yaml.safe_load(path.read_text())
+    spec["grid"]["editors"].append("rome")
+    path.write_text(yaml.safe_dump(spec))
+    assert evaluate.main(["--study", str(path)]) == 0
+    assert calls == ["rome"] and list(json.loads(out.read_text())["runs"]) == ["ft batch b=3", "kn batch b=3", "rome batch b=3"]
+    calls.clear()
+    spec["grid"]["editors"], spec["grid"]["batch_sizes"] = ["kn", "rome"], [3, 6]  # fewer editors, another batch size
+    path.write_text(yaml.safe_dump(spec))
+    assert evaluate.main(["--study", str(path)]) == 0
+    assert calls == ["kn", "rome"]
+    assert list(json.loads(out.read_text())["runs"]) == ["kn batch b=3", "kn batch b=6", "rome batch b=3", "rome batch b=6"]
+    spec["edits"]["testbed_config"] = str(tmp_path / "tb.yaml")
+    (tmp_path / "tb.yaml").write_text(Path(TINY).read_text())  # another testbed file: refused before anything loads
+    path.write_text(yaml.safe_dump(spec))
     assert evaluate.main(["--study", str(path)]) == 2
-    assert "holds a different experiment ('config_contents'" in capsys.readouterr().err
+    assert "holds a different experiment ('edits'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -14,9 +14,9 @@ import string
 
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 
-from memoe.batching import in_context, model_device
+from memoe.batching import cache_keyword, cache_of, in_context, model_device
 
 STOPS = (".", "\n")
 #: What a result file says about how answers were generated and compared.
@@ -74,6 +74,41 @@ class _AnswerComplete(StoppingCriteria):
 
 
 @torch.no_grad()
+def _greedy_pruned(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop_ids: torch.Tensor) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch with a KV cache, dropping every row from the batch (and the cache) once it
+    has produced a stop token. ``model.generate`` keeps finished rows until the last one is done: with answers of a
+    few tokens beside a rambling one, most of its work is thrown away."""
+    stop_ids, kw = stop_ids.to(ids.device), cache_keyword(model)
+    pos = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T): positions as transformers gives left-padded rows
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, nxt, last = cache_of(out), out.logits[:, -1].argmax(-1), pos[:, -1]  # (B,), (B,)
+    rows, new = torch.arange(len(ids)), [[] for _ in range(len(ids))]
+    for step in range(max_new_tokens):
+        for r, t in zip(rows.tolist(), nxt.tolist()):
+            new[r].append(t)
+        live = ~torch.isin(nxt, stop_ids)  # (B',)
+        if step == max_new_tokens - 1 or not live.any():
+            break
+        if not live.all():
+            keep = live.nonzero().squeeze(1)
+            cache.batch_select_indices(keep.to(ids.device))
+            rows, nxt, last, mask = rows[keep.cpu()], nxt[keep], last[keep], mask[keep]
+        mask, last = torch.cat([mask, mask.new_ones(len(mask), 1)], 1), last + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], use_cache=True,
+                    logits_to_keep=1, **{kw: cache})
+        cache, nxt = cache_of(out), out.logits[:, -1].argmax(-1)
+    return new
+
+
+def _greedy_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop_ids: torch.Tensor, pad: int) -> list[list[int]]:
+    """Greedy decoding with the model's own ``generate`` (a model outside transformers, such as a test double)."""
+    start = ids.shape[1]
+    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                         stopping_criteria=StoppingCriteriaList([_AnswerComplete(stop_ids, start)]))
+    return gen[:, start:].tolist()
+
+
+@torch.no_grad()
 def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 32) -> list[str]:
     """The greedy continuation of each prompt up to its first stop, decoded (without the prompt). Prompts of similar
     length are batched together (left padding, so every row's next token is at the same position)."""
@@ -90,10 +125,9 @@ def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int = 50, bat
         for s in tqdm(starts, desc="generating answers", unit="batch", leave=False, disable=len(starts) < 4 or None):
             idx = order[s : s + batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(model_device(model))
-            start = enc["input_ids"].shape[1]
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                                 stopping_criteria=StoppingCriteriaList([_AnswerComplete(stop_ids, start)]))
-            for i, text in zip(idx, tok.batch_decode(gen[:, start:], skip_special_tokens=True)):
+            args = (model, enc["input_ids"], enc["attention_mask"], max_new_tokens, stop_ids)
+            new = _greedy_pruned(*args) if isinstance(model, PreTrainedModel) else _greedy_generate(*args, tok.pad_token_id)
+            for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
                 out[i] = answer(text)
     finally:
         tok.padding_side = side

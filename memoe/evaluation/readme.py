@@ -5,6 +5,7 @@ them is typed by hand.
     python -m memoe.evaluation.readme --studies runs/studies/batch-size-counterfact.json
     python -m memoe.evaluation.readme --methods runs/studies/main-counterfact.json     # the README's method table
     python -m memoe.evaluation.readme --main-job runs/memoe-adapter/metrics.json       # the README's main-job table
+    python -m memoe.evaluation.readme --real-model runs/studies/main-smollm2-*.json    # the README's real-model table
 
 Replaces the text between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` (testbeds, adapters, studies,
 evals in ``--results``; methods in ``--readme``); a study's PNGs are copied to ``docs/studies/`` and linked.
@@ -23,7 +24,7 @@ from pathlib import Path
 from memoe.editors import REGISTRY
 from memoe.evaluation.harness import describe_machine
 from memoe.evaluation.metrics import MetricsTable, fmt_metric
-from memoe.evaluation.tables import headline, metrics_table, run_label, summary_table
+from memoe.evaluation.tables import headline, metrics_table, run_label, skipped_line, summary_table
 from memoe.io import write_text
 
 EVAL_COLUMNS = ("cf_efficacy", "cf_paraphrase", "cf_neighbourhood", "cf_score", "reliability", "generality",
@@ -124,6 +125,44 @@ def methods_section(result: dict) -> str:
             f"{describe_machine(result['machine'])}); the real model's tables are in docs/results/.")
 
 
+#: Columns of the README's real-model table, per dataset: the scores the dataset's papers report (CounterFact's with
+#: their magnitudes; zsRE's token accuracy), EasyEdit's locality, fluency, the generation view and the perplexity.
+REAL_MODEL_COLUMNS = {
+    "counterfact": ("cf_efficacy", "cf_efficacy_mag", "cf_paraphrase", "cf_paraphrase_mag", "cf_neighbourhood",
+                    "cf_neighbourhood_mag", "cf_score", "locality", "fluency", "gen_efficacy", "gen_paraphrase",
+                    "gen_neighbourhood", "perplexity_ratio"),
+    "zsre": ("zsre_efficacy", "zsre_paraphrase", "zsre_specificity", "locality", "fluency", "gen_reliability",
+             "gen_generality", "gen_locality", "perplexity_ratio"),
+}
+
+
+def real_model_section(results: list[tuple[str, dict]]) -> str:
+    """Each study on a real model as one table: the pre-edit row, then every run right after its batches (current)
+    and, for the sequential modes, after all edits (final), with its edits/s and peak memory."""
+    parts = []
+    for path, res in results:
+        t, speed = MetricsTable(), {}
+        t.add("pre-edit", res["pre"])
+        for r in res["runs"].values():
+            label = run_label(r)
+            t.add(f"{label} (current)" if r["final"] else label, r["current"])
+            if r["final"]:
+                t.add(f"{label} (final)", r["final"])
+            split = ", ".join(f"{k} {v:.0f} s" for k, v in (r.get("time_split") or {}).items())
+            speed[label] = f"{r['edits_per_second']:.3f} edits/s, peak {r['peak_memory_mb']:.0f} MiB ({split})"
+        d, g = res["dataset"], res["definition"]["grid"]
+        wanted = REAL_MODEL_COLUMNS["zsre" if d["name"].startswith("zsre") else "counterfact"]
+        cols = tuple(c for c in wanted if any(m.get(c) is not None for _, m in t.rows))
+        missing = [k for k in res["order"] if k not in res["runs"]]
+        speeds = "; ".join(f"{k}: {v}" for k, v in speed.items())
+        parts.append(f"**{res['protocol']['model']}, {d['name']}, first {d['num_edits']} records** (`{path}`; editors "
+                     f"{', '.join(g['editors'])}; {describe_machine(res['machine'])}):\n\n{t.markdown(cols)}\n\n"
+                     f"Edits per second (edit time alone), peak memory and time split: {speeds}."
+                     + (f" Not yet run: {', '.join(missing)}." if missing else "")
+                     + (f" {skipped_line(res)}" if res.get("skipped") else ""))
+    return "\n\n".join(parts)
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pattern.search(text):
@@ -133,7 +172,7 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 def main(results_file: str, readme: str, testbeds: list[str], evals: list[str], adapters: list[str] | None = None,
          studies: list[str] | None = None, methods: str | None = None, evals_section_name: str = "evals",
-         main_job: str | None = None) -> None:
+         main_job: str | None = None, real_model: list[str] | None = None) -> None:
     load = lambda paths: [(p, json.loads(Path(p).read_text())) for p in paths]
     if testbeds or evals or adapters or studies:
         text = Path(results_file).read_text()
@@ -151,6 +190,8 @@ def main(results_file: str, readme: str, testbeds: list[str], evals: list[str], 
         write_text(readme, replace_section(Path(readme).read_text(), "methods", methods_section(json.loads(Path(methods).read_text()))))
     if main_job:
         write_text(readme, replace_section(Path(readme).read_text(), "main-job", adapters_section(load([main_job]))))
+    if real_model:
+        write_text(readme, replace_section(Path(readme).read_text(), "real-model", real_model_section(load(real_model))))
 
 
 if __name__ == "__main__":
@@ -164,5 +205,6 @@ if __name__ == "__main__":
     ap.add_argument("--methods", help="a study result over every editor: the README's method table")
     ap.add_argument("--evals-section", default="evals", help="the marker name --evals writes between (default: evals)")
     ap.add_argument("--main-job", help="the main job's metrics.json (python train.py): the README's main-job table")
+    ap.add_argument("--real-model", nargs="*", default=[], help="studies on a real model (main-smollm2): the README's main table")
     a = ap.parse_args()
-    main(a.results, a.readme, a.testbeds, a.evals, a.adapters, a.studies, a.methods, a.evals_section, a.main_job)
+    main(a.results, a.readme, a.testbeds, a.evals, a.adapters, a.studies, a.methods, a.evals_section, a.main_job, a.real_model)

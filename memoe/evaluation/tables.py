@@ -55,11 +55,16 @@ def summary_table(result: dict) -> str:
     if best:
         text += "\n\nBest run per metric: " + "; ".join(f"{m} — {k} ({fmt_metric(v)})" for m, (k, v) in best.items()) + "."
     if result.get("skipped"):
-        by_reason: dict[str, list[dict]] = {}
-        for s in result["skipped"]:
-            by_reason.setdefault(s["reason"], []).append(s)
-        text += "\n\nSkipped: " + "; ".join(f"{_compact(runs)} ({why})" for why, runs in by_reason.items()) + "."
+        text += "\n\n" + skipped_line(result)
     return text
+
+
+def skipped_line(result: dict) -> str:
+    """``Skipped: <runs> (<reason>); ...``, the runs grouped by reason ('' when none was skipped)."""
+    by_reason: dict[str, list[dict]] = {}
+    for s in result.get("skipped") or []:
+        by_reason.setdefault(s["reason"], []).append(s)
+    return "Skipped: " + "; ".join(f"{_compact(runs)} ({why})" for why, runs in by_reason.items()) + "." if by_reason else ""
 
 
 def _compact(skipped: list[dict]) -> str:
@@ -101,4 +106,5 @@ def result_markdown(result: dict) -> str:
             "after all edits (final):\n\n" + metrics_table(result))
 
 
-__all__ = ["TABLE_METRICS", "headline", "metrics_table", "result_markdown", "run_label", "summary_table", "winners"]
+__all__ = ["TABLE_METRICS", "headline", "metrics_table", "result_markdown", "run_label", "skipped_line", "summary_table",
+           "winners"]

@@ -43,7 +43,13 @@ def test_batched_answers_equal_one_prompt_at_a_time(tiny_testbed):
     alone (no padding) with plain ``model.generate`` and cuts at the first stop."""
     model, tok = tiny_testbed.model, tiny_testbed.tokenizer
     prompts = [r.request.text for r in tiny_testbed.dataset.records[:6]] + list(tiny_testbed.dataset.records[0].paraphrase_prompts)
-    batched = greedy_answers(model, tok, prompts, max_new_tokens=12, batch_size=4)
+    rows = []  # the batch size of every forward: rows leave a batch once their answer is complete
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    try:
+        batched = greedy_answers(model, tok, prompts, max_new_tokens=12, batch_size=4)
+    finally:
+        hook.remove()
+    assert rows[0] == 4 and 0 < min(rows) < 4
     ref = []
     for p in prompts:
         ids = tok(p, return_tensors="pt")["input_ids"]

@@ -106,3 +106,27 @@ def test_method_table_from_a_study_over_every_editor(tmp_path):
     text = readme.read_text()
     assert f"| `rome` | {REGISTRY['rome'].summary} | Meng et al. 2022 | 0.900 | 0.625 |" in text  # final, not current
     assert "| `memit` |" in text and text.count("| `") == len(REGISTRY)  # every method, measured or not
+
+
+def test_real_model_table_with_current_final_speed_and_runs_still_to_do(tmp_path):
+    m = lambda e, n: {"cf_efficacy": e, "cf_efficacy_mag": 0.5, "cf_neighbourhood": n, "fluency": 6.25, "zsre_efficacy": 0.1}  # noqa: E731
+    run = lambda ed, mode, b, cur, fin: {"editor": ed, "mode": mode, "batch_size": b, "current": cur, "final": fin,  # noqa: E731
+                                         "edits_per_second": 0.25, "peak_memory_mb": 3100.0,
+                                         "time_split": {"targets": 300.4, "solve": 2.0, "scoring": 120.0}}
+    res = {"protocol": {"model": "smollm2-135m"}, "dataset": {"name": "counterfact", "num_edits": 100},
+           "definition": {"grid": {"editors": ["memit", "rome"]}}, "machine": {"platform": "x86_64", "cpus": 2, "device": "cpu", "gpu": None},
+           "pre": m(0.25, 0.75), "order": ["memit batch b=100", "memit sequential-batch b=10", "rome single b=1"],
+           "skipped": [{"editor": "rome", "mode": "batch", "batch_size": 100, "reason": "one fact at a time"}],
+           "runs": {"memit batch b=100": run("memit", "batch", 100, m(0.98, 0.72), None),
+                    "memit sequential-batch b=10": run("memit", "sequential-batch", 10, m(1.0, 0.7), m(0.875, 0.625))}}
+    (tmp_path / "cf.json").write_text(json.dumps(res))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:real-model -->\n<!-- /results:real-model -->\n")
+    main("", str(readme), [], [], real_model=[str(tmp_path / "cf.json")])
+    text = readme.read_text()
+    assert "| run | cf_efficacy | cf_efficacy_mag | cf_neighbourhood | fluency |" in text  # zsRE accuracy is not a CounterFact column
+    assert "| pre-edit | 0.250 | 0.500 | 0.750 |" in text and "| memit batch b=100 | 0.980 |" in text
+    assert "| memit sequential-batch b=10 (current) | 1.000 |" in text and "| memit sequential-batch b=10 (final) | 0.875 | 0.500 | 0.625 |" in text
+    assert "memit batch b=100: 0.250 edits/s, peak 3100 MiB (targets 300 s, solve 2 s, scoring 120 s)" in text
+    assert "**smollm2-135m, counterfact, first 100 records**" in text
+    assert "Not yet run: rome single b=1. Skipped: rome batch b=100 (one fact at a time)." in text
