@@ -313,8 +313,9 @@ def _editor_settings(d: dict, editor: str) -> list:
             (g.get("editor_overrides") or {}).get(editor)]
 
 
-def _resume(out: Path, exp: Experiment, log=print) -> dict:
-    """Completed runs of an earlier attempt of the same experiment at ``out`` (empty when there is none).
+def _resume(out: Path, exp: Experiment, planned: set[str], log=print) -> dict:
+    """Completed runs of an earlier attempt of the same experiment at ``out`` (empty when there is none), of those
+    whose keys are ``planned`` now.
 
     The same experiment: the same edits, scoring and testbed config, and the same grid but for the fields that only
     choose which runs exist (``SELECTION_FIELDS``). A run is kept while it is still planned and its editor's
@@ -338,7 +339,6 @@ def _resume(out: Path, exp: Experiment, log=print) -> dict:
         if old_shared.get(k) != new_shared[k]:
             raise ConfigError(f"{out} holds a different experiment ({k!r}: {old_shared.get(k)!r} there, {new_shared[k]!r} now); "
                               "pass --restart to start over or choose another output")
-    planned = {s.key for s in plan(exp)[0]}
     changed = {e for e in exp.grid.editors if _editor_settings(old_def, e) != _editor_settings(new_def, e)}
     for e in sorted(changed & {r.get("editor") for r in runs.values()}):
         log(f"{out}: the settings of {e} changed since its runs were made; they run again")
@@ -371,7 +371,7 @@ def run_experiment(exp: Experiment, resume: bool = False, subject: Subject | Non
 
     for spec in specs:  # every editor and its config checked (and made once) before the model loads
         editor_for(spec)
-    done = _resume(out, exp, log) if resume else {}
+    done = _resume(out, exp, {s.key for s in specs}, log) if resume else {}
     if done:
         log(f"resuming {out}: {sum(s.key in done for s in specs)} of {len(specs)} runs already done")
     subject = subject or load_subject(exp.edits, exp.progress, exp.scoring.batch_size)
