@@ -108,10 +108,12 @@ def read_at_facts(model, tok, requests, prefixes, fact_token, module: str, input
     return sums / torch.bincount(own, minlength=len(requests))[:, None]
 
 
-def compute_keys(model, tok, requests, layer: int, cfg: ClosedFormConfig) -> torch.Tensor:
-    """(d, N) keys: down-projection inputs at the fact token, averaged over the context prefixes."""
+def compute_keys(model, tok, requests, layer: int, cfg: ClosedFormConfig, prefixes: list[str] | None = None) -> torch.Tensor:
+    """(d, N) keys: down-projection inputs at the fact token, averaged over the context prefixes (``prefixes``
+    instead of the config's, if given; ``[]``: the bare prompt's own key)."""
     name = model_parts(model).name("down_proj", layer)
-    return read_at_facts(model, tok, requests, cfg.context_prefixes, cfg.fact_token, name, inputs=True).T
+    prefixes = cfg.context_prefixes if prefixes is None else prefixes
+    return read_at_facts(model, tok, requests, prefixes, cfg.fact_token, name, inputs=True).T
 
 
 def layer_outputs(model, tok, requests, layer: int, cfg: ClosedFormConfig) -> torch.Tensor:
@@ -325,13 +327,14 @@ def edit_layers(cfg: ClosedFormConfig, layers: list[int]) -> list[int]:
 
 
 def spread_over_layers(model, tok, requests, layers: list[int], cfg: ClosedFormConfig, z: torch.Tensor, solve, write,
-                       info: dict) -> None:
-    """MEMIT's layer loop: for each edit layer (ascending) keys K (d, N), the residual R (H, N) of the targets z
-    against the last edit layer's output, divided by the layers left, ``delta = solve(layer, R, K)`` and
-    ``write(layer, delta, K)``, which must put the update in place before the next layer's keys are read."""
+                       info: dict, keys=compute_keys) -> None:
+    """MEMIT's layer loop: for each edit layer (ascending) keys K (d, N) (``keys(model, tok, requests, layer, cfg)``),
+    the residual R (H, N) of the targets z against the last edit layer's output, divided by the layers left,
+    ``delta = solve(layer, R, K)`` and ``write(layer, delta, K)``, which must put the update in place before the
+    next layer's keys are read."""
     for i, l in enumerate(layers):
         with timed(info, "keys"):
-            K = compute_keys(model, tok, requests, l, cfg)  # recomputed after earlier layers' updates
+            K = keys(model, tok, requests, l, cfg)  # recomputed after earlier layers' updates
             R = (z - layer_outputs(model, tok, requests, layers[-1], cfg)) / (len(layers) - i)
         with timed(info, "solve"):
             write(l, solve(l, R, K), K)
@@ -352,7 +355,7 @@ def batch_targets(model, tok, requests, layer: int, cfg: ClosedFormConfig, info:
 
 
 def edit_in_rounds(model, tok, requests, layers: list[int], cfg: ClosedFormConfig, solve, write, info: dict,
-                   round_context=None) -> None:
+                   round_context=None, keys=compute_keys) -> None:
     """Targets at the last edit layer, then :func:`spread_over_layers`; ``cfg.rounds`` times, each round on the model
     as the earlier ones left it (``write`` puts updates in place), stopping once every target is met.
     ``round_context(i)``, if given, is the context manager round ``i`` (from 0) runs in (CoachHooK: how its hooks act).
@@ -363,7 +366,7 @@ def edit_in_rounds(model, tok, requests, layers: list[int], cfg: ClosedFormConfi
             z, met = batch_targets(model, tok, requests, layers[-1], cfg, info)
             if met and done:
                 break  # nothing left to insert
-            spread_over_layers(model, tok, requests, layers, cfg, z, solve, write, info)
+            spread_over_layers(model, tok, requests, layers, cfg, z, solve, write, info, keys)
         done += 1
     info["rounds"] = max(info.get("rounds", 0), done)
 
@@ -378,6 +381,10 @@ class ClosedFormEditor(C0Memo, WeightEditor):
     @abstractmethod
     def solve(self, R: torch.Tensor, K: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
         """(H, d) update from residuals R (H, N), keys K (d, N) and C0 (d, d), all float64."""
+
+    def keys(self, model, tok, requests: list[EditRequest], layer: int, cfg: ClosedFormConfig) -> torch.Tensor:
+        """The keys :meth:`solve` gets at ``layer``: (d, N), one per request (ROME may add more)."""
+        return compute_keys(model, tok, requests, layer, cfg)
 
     def compute_deltas(self, model, tok, requests: list[EditRequest]):
         cfg: ClosedFormConfig = self.prefixes.apply(model, tok, self.config)
@@ -397,6 +404,7 @@ class ClosedFormEditor(C0Memo, WeightEditor):
 
         with scratch_weights(list(weights.values())) as originals:
             for group in groups:
-                edit_in_rounds(model, tok, group, layers, cfg, lambda l, R, K: self.solve(R, K, covs[l].to(K.device)), write, info)
+                edit_in_rounds(model, tok, group, layers, cfg, lambda l, R, K: self.solve(R, K, covs[l].to(K.device)), write, info,
+                               keys=self.keys)
             deltas = {parts.name("down_proj", l) + ".weight": weights[l].detach() - w0 for l, w0 in zip(layers, originals)}
         return deltas, info

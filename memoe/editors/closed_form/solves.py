@@ -54,12 +54,16 @@ def _ridged(A: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
 
 
 def rome_solve(R: torch.Tensor, K: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """ROME: Δ = r kᵀ C⁻¹ / (kᵀ C⁻¹ k) for one edit; W'k = Wk + r exactly."""
-    if K.shape[1] != 1:
-        raise ValueError(f"ROME edits one fact at a time; got {K.shape[1]} keys")
-    u = spd_solve(C, K, "ROME: C0")  # C⁻¹ k (d, 1)
-    return R.double() @ u.T / (K.double().T @ u)
+    """ROME: Δ = r kᵀ C⁻¹ / (kᵀ C⁻¹ k) for one edit; W'k = Wk + r exactly.
 
+    With several keys K (d, m) of the same fact (m > 1) the update stays rank one, Δ = r aᵀ, with the a of least
+    C-norm that meets aᵀ k_j = 1 for every key: a = C⁻¹K (KᵀC⁻¹K)⁻¹ 1, so W'k_j = Wk_j + r for each (m = 1: ROME)."""
+    if R.shape[1] != 1:
+        raise ValueError(f"ROME edits one fact at a time; got {R.shape[1]} residuals")
+    U = spd_solve(C, K, "ROME: C0")  # C⁻¹ K (d, m)
+    ones = torch.ones(K.shape[1], 1, dtype=U.dtype, device=U.device)
+    a = U @ spd_solve(K.double().T @ U, ones, "ROME: Kᵀ C0⁻¹ K")  # (d, 1)
+    return R.double() @ a.T
 
 def memit_solve(R: torch.Tensor, K: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
     """MEMIT: Δ = R Kᵀ (λ C + K Kᵀ)⁻¹, least squares with preservation weight λ."""

@@ -56,6 +56,28 @@ def test_keys_are_prefix_averages(tiny_testbed):
     assert torch.allclose(k_avg, (k_bare + k_pref) / 2, atol=1e-6)
 
 
+@pytest.mark.parametrize("bare_key", [False, True])
+def test_rome_bare_key_moves_the_bare_prompt_key_as_the_averaged_one(bare_key, tiny_testbed, stats_cache):
+    """With ``bare_key`` the rank-one update sends the bare prompt's key to the same change as the averaged key;
+    without it only the averaged key is constrained."""
+    from memoe.models import model_parts
+
+    tb = tiny_testbed
+    r = tb.dataset[0].request
+    cfg = {**FAST, "stats_cache": stats_cache, "layers": [0], "context_prefixes": ["It rained all day.", "Tea is served."]}
+    ed = editor_class("rome")({**cfg, "bare_key": bare_key})
+    k_avg = compute_keys(tb.model, tb.tokenizer, [r], 0, ed.config)  # (d, 1)
+    k_bare = compute_keys(tb.model, tb.tokenizer, [r], 0, ed.config, prefixes=[])
+    deltas, _ = ed.compute_deltas(tb.model, tb.tokenizer, [r])
+    (delta,) = deltas.values()
+    if model_parts(tb.model).spec.down_proj_transposed:
+        delta = delta.T
+    delta = delta.double()
+    assert torch.linalg.matrix_rank(delta, rtol=1e-4) == 1
+    moved_avg, moved_bare = delta @ k_avg, delta @ k_bare
+    assert torch.allclose(moved_avg, moved_bare, rtol=1e-3, atol=1e-4) == bare_key
+
+
 def test_batched_targets_are_the_one_at_a_time_targets(tiny_testbed):
     """Requests are independent in the joint optimisation (each δ moves only its rows; Adam is elementwise) and each
     stops at its own goal, so the batch gives each request the target it gets alone, in any chunking."""

@@ -27,6 +27,29 @@ def test_rome_makes_the_key_map_to_the_value(mats):
     assert torch.linalg.matrix_rank(delta) == 1
 
 
+def test_rome_single_key_is_the_paper_formula(mats):
+    W, C, K, V = mats
+    k, r = K[:, :1], V[:, :1] - W @ K[:, :1]
+    u = torch.linalg.solve(C, k)
+    assert torch.allclose(rome_solve(r, k, C), r @ u.T / (k.T @ u), atol=1e-10)
+
+
+def test_rome_with_two_keys_of_one_fact_is_rank_one_and_meets_both(mats):
+    """Δ = r aᵀ with the least C-norm a meeting Kᵀa = 1: checked against the KKT system solved directly."""
+    W, C, K, V = mats
+    k2, r = K[:, :2], V[:, :1] - W @ K[:, :1]
+    delta = rome_solve(r, k2, C)
+    assert torch.linalg.matrix_rank(delta) == 1
+    assert torch.allclose(delta @ k2, r.expand(-1, 2), atol=1e-9)  # W'k_j = Wk_j + r for both keys
+    kkt = torch.zeros(D + 2, D + 2, dtype=torch.float64)
+    kkt[:D, :D], kkt[:D, D:], kkt[D:, :D] = 2 * C, k2, k2.T
+    rhs = torch.cat([torch.zeros(D, dtype=torch.float64), torch.ones(2, dtype=torch.float64)])
+    a = torch.linalg.solve(kkt, rhs)[:D]
+    assert torch.allclose(delta, r @ a[None], atol=1e-9)
+    with pytest.raises(ValueError, match="one fact at a time"):
+        rome_solve(V[:, :2], k2, C)
+
+
 def test_emmet_equality_for_every_edit(mats):
     W, C, K, V = mats
     delta = emmet_solve(V - W @ K, K, C, 0.0)
