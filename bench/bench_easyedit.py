@@ -37,6 +37,7 @@ import yaml
 
 WORKER = Path(__file__).with_name("easyedit_worker.py")
 EASYEDIT_HPARAMS = {"rome": "hparams/ROME/llama-7b.yaml", "memit": "hparams/MEMIT/llama-7b.yaml"}
+METRICS = ("cf_efficacy", "cf_paraphrase", "cf_neighbourhood")
 
 
 def memoe_overrides(method: str, layers: list[int], v_steps: int, v_lr: float, kl: float, clamp: float, lam: float) -> dict:
@@ -190,11 +191,12 @@ def main(easyedit: str, easyedit_python: str, method: str = "memit", edits: int 
 
     print("scoring both edits with memoe's metrics ...", flush=True)
     pre = raw_scores(m, tok, records)
-    rows = [{"framework": "pre-edit", **{k: compute_metrics(pre)[k] for k in ("cf_efficacy", "cf_paraphrase", "cf_neighbourhood")}}]
+    pre_metrics = compute_metrics(pre)
+    rows = [{"framework": "pre-edit", **{k: pre_metrics[k] for k in METRICS}}]
     for name in jobs:
         res = json.loads((work / f"{name}.json").read_text())
         metrics = score(m, tok, records, work / f"{name}-deltas.safetensors", pre)
-        rows.append({**res, **{k: metrics[k] for k in ("cf_efficacy", "cf_paraphrase", "cf_neighbourhood")},
+        rows.append({**res, **{k: metrics[k] for k in METRICS},
                      "edits_per_second": round(edits / res["seconds"], 4),
                      "edits_per_cpu_second": round(edits / res["cpu_seconds"], 4),
                      "edit_memory_mb": round(res["peak_rss_mb"] - res["rss_before_mb"], 1)})
