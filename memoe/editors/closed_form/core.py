@@ -3,8 +3,9 @@
 One edit of requests (prompt, subject, new target):
 
 1. target values (MEMIT's ``compute_z``, batched): for every request a residual-stream delta δ at the last
-   edit layer, at the fact token, optimised in one padded forward/backward per step for all requests to
-   make the new target likely over prefixed prompts, with a KL term that keeps "{subject} is a" as it was,
+   edit layer, at the fact token, optimised in one padded forward/backward per step for all requests (through
+   the blocks above that layer, from the fact token on: nothing else depends on δ) to make the new target
+   likely over prefixed prompts, with a KL term that keeps "{subject} is a" as it was,
    weight decay, a norm clamp and an early stop. z = h + δ.
 2. for each edit layer l (ascending): keys K_l (down-projection inputs at the fact token, averaged over the
    same context prefixes everywhere: the r-ROME fix), the residual R = (z - h_last) / (layers left) on the bare
@@ -25,9 +26,10 @@ from abc import abstractmethod
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from memoe import nethook
-from memoe.batching import encode_pairs, model_device, pad_batch, row_mean, target_index, token_nll, warn_if_too_long
+from memoe.batching import cache_keyword, cache_of, encode_pairs, model_device, pad_batch, row_mean, target_index, token_nll, warn_if_too_long
 from memoe.config import bounds
 from memoe.contexts import ContextOptions, prefixed
 from memoe.data.records import EditRequest
@@ -60,9 +62,10 @@ class ClosedFormConfig(ContextOptions, EditorConfig):
     """Stop early once every request's target NLL is below this."""
     batched_targets: bool = True
     """Optimise all requests' targets in one padded batch (False: one request at a time, for benchmarks)."""
-    target_chunk: int = field(default=16, metadata=bounds(1))
+    target_chunk: int = field(default=8, metadata=bounds(1))
     """Requests whose target rows go through one forward/backward pass: bounds the memory of a large batch (about
-    0.2 GB per request on SmolLM2 with four prefixes); larger is a little faster on a GPU."""
+    70 MB per request on SmolLM2 with two prefixes; 8 ran as fast as 16 there on 2 CPU cores); larger may be a little
+    faster on a GPU."""
     rounds: int = field(default=1, metadata=bounds(1, 20))
     """Target-and-insert rounds (1: the papers' single pass). An insertion reaches its targets at the fact token
     only approximately (least squares) and also moves every other token's MLP output, so a request whose target
@@ -124,7 +127,8 @@ def layer_outputs(model, tok, requests, layer: int, cfg: ClosedFormConfig) -> to
 @dataclass
 class TargetBatch:
     """The rows of some requests for the target optimisation: each request's prefixed prompts (with its new
-    target), then one KL prompt ("{subject} is a") per request; everything indexed within the batch."""
+    target), then one KL prompt ("{subject} is a") per request; everything indexed within the batch. Rows may start
+    at their fact token (``head`` > 0): the tokens before it are then the KV cache's, not the batch's."""
 
     ids: torch.Tensor  # (B, T) right-padded
     mask: torch.Tensor  # (B, T)
@@ -134,6 +138,7 @@ class TargetBatch:
     tok_row: torch.Tensor  # (target tokens,) the prompt row each target token belongs to
     n_prompt_rows: int
     kl_last: list[int]  # last column of each KL row (rows n_prompt_rows ...)
+    head: list[int]  # (B,) tokens of each row left out before column 0 (0: the whole row)
 
 
 class TargetRows:
@@ -150,16 +155,21 @@ class TargetRows:
         warn_if_too_long(model, [p + t for rows in self.prompt for p, t, _ in rows] + [k for k, _ in self.kl],
                          "edit prompts (with their targets)")
 
-    def batch(self, sel: list[int]) -> TargetBatch:
+    def batch(self, sel: list[int], from_fact: bool = False) -> TargetBatch:
+        """The rows of requests ``sel``; ``from_fact``: each row from its fact token on (the tail δ can change)."""
         prompt = [(j, *row) for j, i in enumerate(sel) for row in self.prompt[i]]
         kl = [self.kl[i] for i in sel]
-        ids, mask = pad_batch([p + t for _, p, t, _ in prompt] + [k for k, _ in kl], self.pad_id, self.device)
+        seqs = [p + t for _, p, t, _ in prompt] + [k for k, _ in kl]
+        facts = [pos for *_, pos in prompt] + [pos for _, pos in kl]
+        head = facts if from_fact else [0] * len(seqs)
+        ids, mask = pad_batch([s[h:] for s, h in zip(seqs, head)], self.pad_id, self.device)
         tr, tc, labels = target_index([p for _, p, _, _ in prompt], [t for _, _, t, _ in prompt])
         tensor = lambda x: torch.tensor(x, device=self.device)
-        return TargetBatch(ids, mask, fact=tensor([pos for *_, pos in prompt] + [pos for _, pos in kl]),
+        return TargetBatch(ids, mask, fact=tensor([f - h for f, h in zip(facts, head)]),
                            owner=tensor([j for j, *_ in prompt] + list(range(len(sel)))),
-                           nll_index=(tr, tc, tensor(labels)), tok_row=tensor(tr), n_prompt_rows=len(prompt),
-                           kl_last=[len(k) - 1 for k, _ in kl])
+                           nll_index=(tr, [c - head[r] for r, c in zip(tr, tc)], tensor(labels)), tok_row=tensor(tr),
+                           n_prompt_rows=len(prompt),
+                           kl_last=[len(k) - 1 - h for (k, _), h in zip(kl, head[len(prompt):])], head=head)
 
 
 def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: ClosedFormConfig) -> tuple[torch.Tensor, dict]:
@@ -168,18 +178,22 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
     The requests are independent (each δ moves only its own rows, Adam is elementwise), so all of them are
     optimised in one batch, and each stops once its own NLL is below ``v_stop_loss`` (as one-at-a-time
     optimisation does; only the unfinished ones run on). Their rows run ``cfg.target_chunk`` requests per
-    forward/backward, which bounds memory, and from the cached output of ``layer``: the blocks below it see the
-    same prompts at every step."""
+    forward/backward, which bounds memory. A step runs only what δ changes: the blocks above ``layer``, from each
+    row's fact token on (the tokens before it come from a KV cache of the first pass)."""
     parts = model_parts(model)
     head = model.get_output_embeddings()
     out_name = _layer_out(parts, layer)
     below = [f"{parts.name('layers')}.{l}" for l in range(layer)]
     rows, N = TargetRows(model, tok, requests, cfg), len(requests)
     chunks = lambda sel: [sel[k : k + cfg.target_chunk] for k in range(0, len(sel), cfg.target_chunk)]
+    kw = cache_keyword(model.base_model)
 
-    # One pass without δ: the state after ``layer`` (kept to start every step from), the unedited "{subject} is a"
-    # distributions for the KL term, and h at the fact token of each request's bare prompt.
-    start: dict[tuple, torch.Tensor] = {}  # (request, row within the request's batch) -> (T_row, H)
+    # One pass without δ. δ enters at the fact token of ``layer``, so nothing before that token, and nothing at or
+    # below ``layer``, depends on it: every step starts from this pass's state after ``layer`` at the tokens from the
+    # fact token on, and reads the tokens before it from this pass's KV cache. The pass also gives the unedited
+    # "{subject} is a" distributions for the KL term and h at the fact token of each request's bare prompt.
+    start: dict[tuple, torch.Tensor] = {}  # (request, row within the request's batch) -> (T_row - fact, H)
+    past: dict[tuple, list] = {}  # the same key -> [(K, V) (kv_heads, fact, head_dim) of each block above ``layer``]
     kl_ref, h_init = [], []
     as_tuple: list[bool] = []  # whether the layers return tuples (the skipped ones must answer in kind)
     record_kind = lambda module, args, output: as_tuple.append(isinstance(output, tuple))
@@ -187,14 +201,16 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
         for sel in chunks(list(range(N))):
             b = rows.batch(sel)
             with nethook.capture(model, [out_name]) as store, nethook.hooks(model, {out_name: record_kind}):
-                hidden = model.base_model(input_ids=b.ids, attention_mask=b.mask).last_hidden_state
-            at_layer = store[out_name]  # (B, T, H)
+                out = model.base_model(input_ids=b.ids, attention_mask=b.mask, use_cache=True)
+            hidden, cache, at_layer = out.last_hidden_state, cache_of(out), store[out_name]  # at_layer: (B, T, H)
             kl_rows = torch.arange(b.n_prompt_rows, len(b.ids))
             kl_ref.append(torch.log_softmax(head(hidden[kl_rows, b.kl_last]).float(), -1))  # (n, V)
             first = [b.owner[: b.n_prompt_rows].tolist().index(j) for j in range(len(sel))]  # the bare prompt row
             h_init.append(at_layer[first, b.fact[first]].float())
-            for r, key in enumerate(_row_keys(b, sel)):
-                start[key] = at_layer[r]
+            for r, (key, f, n) in enumerate(zip(_row_keys(b, sel), b.fact.tolist(), b.mask.sum(1).tolist())):
+                start[key] = at_layer[r, f:n].clone()
+                past[key] = [(c.keys[r, :, :f].clone(), c.values[r, :, :f].clone()) for c in cache.layers[layer + 1 :]]
+            del out, cache, store
     kl_ref, h_init = torch.cat(kl_ref), torch.cat(h_init)  # (N, V), (N, H)
 
     delta = torch.zeros_like(h_init, requires_grad=True)
@@ -209,12 +225,14 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
             steps += 1
             opt.zero_grad(set_to_none=True)
             for sel in chunks(active):
-                b = rows.batch(sel)
+                b = rows.batch(sel, from_fact=True)
                 d = delta[sel]  # (n, H)
                 cached = _start_state(start, b, sel)  # (B, T, H) the state after ``layer`` for these rows
                 state = lambda b=b, d=d, cached=cached: _with_delta(cached, b, d)
+                kv, mask, positions = _past(past, b, sel, layer)
                 with nethook.start_after(model, below + [out_name], state, as_tuple[0]):
-                    hidden = model.base_model(input_ids=b.ids, attention_mask=b.mask).last_hidden_state
+                    hidden = model.base_model(input_ids=b.ids, attention_mask=mask, position_ids=positions,
+                                              use_cache=True, **{kw: kv}).last_hidden_state
                 row_nll = row_mean(token_nll(head, hidden, *b.nll_index), b.tok_row, b.n_prompt_rows)  # (rows,)
                 nll = row_mean(row_nll, b.owner[: b.n_prompt_rows], len(sel))  # (n,) mean over each request's prompts
                 req_nll[sel] = nll.detach().cpu()
@@ -265,6 +283,23 @@ def _start_state(start: dict, b: TargetBatch, sel: list[int]) -> torch.Tensor:
     out = [start[key] for key in _row_keys(b, sel)]
     width = b.ids.shape[1]
     return torch.stack([torch.nn.functional.pad(h[:width], (0, 0, 0, width - min(width, len(h)))) for h in out])
+
+
+def _past(past: dict, b: TargetBatch, sel: list[int], layer: int):
+    """The KV cache of the tokens before each row's fact token (left-padded to the longest), with the (B, head + T)
+    attention mask and the (B, T) positions of ``b``'s rows, which start at their fact tokens. The blocks up to
+    ``layer`` are not run, so their cache entries are placeholders that only give the cache its length."""
+    keys, width = _row_keys(b, sel), max(b.head)
+    dev = b.ids.device
+    left_pad = lambda t: torch.nn.functional.pad(t, (0, 0, width - t.shape[1], 0))  # (kv, h, hd) -> (kv, width, hd)
+    blank = torch.zeros(1, 1, 1, 1, device=dev).expand(len(keys), 1, width, 1)
+    data = [(blank, blank)] * (layer + 1)
+    for i in range(len(past[keys[0]])):
+        data.append(tuple(torch.stack([left_pad(past[k][i][j]) for k in keys]) for j in (0, 1)))
+    heads = torch.tensor(b.head, device=dev)
+    head_mask = (torch.arange(width, device=dev) >= width - heads[:, None]).to(b.mask.dtype)  # (B, width)
+    positions = heads[:, None] + torch.arange(b.ids.shape[1], device=dev)  # (B, T)
+    return DynamicCache(ddp_cache_data=data), torch.cat([head_mask, b.mask], 1), positions
 
 
 def _with_delta(h: torch.Tensor, b: TargetBatch, d: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,66 @@ def test_batched_targets_are_the_one_at_a_time_targets(tiny_testbed):
     assert rel(z_chunked, z_batch) < 1e-4
 
 
+def _plain_targets(model, tok, req, layer: int, cfg, steps: int) -> torch.Tensor:
+    """(H,) z the plain way: every prefixed row whole through the whole model, δ added at the fact token by a hook,
+    the loss the mean over rows of each row's mean target NLL (no KL, decay, clamp or early stop)."""
+    from memoe import nethook
+    from memoe.batching import encode_pairs, pad_batch
+    from memoe.editors.closed_form.core import fact_rows
+    from memoe.models.arch import model_parts
+
+    texts, positions, _ = fact_rows(tok, [req], cfg.context_prefixes, cfg.fact_token)
+    p_ids, t_ids = encode_pairs(tok, texts, [req.target_new] * len(texts))
+    ids, mask = pad_batch([p + t for p, t in zip(p_ids, t_ids)], tok.pad_token_id, "cpu")
+    name = f"{model_parts(model).name('layers')}.{layer}"
+    with torch.no_grad(), nethook.capture(model, [name]) as store:
+        model(input_ids=ids, attention_mask=mask)
+    h = store[name][0, positions[0]]  # the bare prompt's fact token
+    delta = torch.zeros_like(h, requires_grad=True)
+    rows = torch.arange(len(texts))
+
+    def add(module, args, output):
+        x = nethook.output_tensor(output).clone()
+        x[rows, positions] += delta
+        return nethook.replace_output(output, x)
+
+    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+    model.requires_grad_(False)
+    for _ in range(steps):
+        opt.zero_grad()
+        with nethook.hooks(model, {name: add}):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        nll = [torch.nn.functional.cross_entropy(logits[r, len(p) - 1 : len(p) - 1 + len(t)], torch.tensor(t))
+               for r, (p, t) in enumerate(zip(p_ids, t_ids))]
+        torch.stack(nll).mean().backward()
+        opt.step()
+    return (h + delta).detach().double()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_targets_from_the_fact_token_are_the_whole_rows_targets(arch, tiny_testbed):
+    """Each step runs only the blocks above the edit layer, only from each row's fact token on, with the tokens
+    before it read from a KV cache (left-padded, rows of different lengths): the same targets as whole rows through
+    the whole model. Llama rotates keys by position at every block, so the rows' positions must be right; GPT-2 is
+    another attention and cache layout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from memoe.editors.closed_form import ClosedFormConfig
+
+    tb = tiny_testbed
+    model = tb.model
+    if arch == "gpt2":
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=len(tb.tokenizer), n_positions=64)).eval()
+    cfg = ClosedFormConfig(v_steps=6, v_lr=0.2, kl_factor=0.0, v_weight_decay=0.0, clamp_norm_factor=0.0, v_stop_loss=0.0,
+                           context_prefixes=["A b.", "One two three four five six."])
+    reqs = [r.request for r in tb.dataset.records[:3]]
+    z, _ = compute_targets(model, tb.tokenizer, reqs, 1, cfg)
+    for i, r in enumerate(reqs):
+        plain = _plain_targets(model, tb.tokenizer, r, 1, cfg, cfg.v_steps)
+        assert (z[:, i] - plain).norm() / plain.norm() < 1e-4
+
+
 def test_edit_info_splits_its_time(tiny_testbed):
     tb = tiny_testbed
     result = editor_class("memit")(FAST).apply(tb.model, tb.tokenizer, [r.request for r in tb.dataset.records[:2]])
