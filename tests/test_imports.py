@@ -8,7 +8,8 @@ import memoe
 ROOT = Path(memoe.__file__).parent
 #: Lowest first. A module may import its own layer's modules and any layer below, never one above.
 LAYERS = [
-    {"errors"}, {"io"}, {"config"}, {"resources", "tokens", "nethook", "batching", "contexts"}, {"models"}, {"data"}, {"locate", "retrieval"},
+    {"errors"}, {"io"}, {"config"}, {"resources", "tokens", "nethook", "batching", "contexts"}, {"models"}, {"data"},
+    {"locate", "retrieval", "frozen_prefix"},
     {"adapters"}, {"training"}, {"editors"}, {"evaluation"}, {"trace"}, {"testbed"}, {"experiment"}, {"cli"}, {"__init__"},
 ]
 

@@ -148,6 +148,12 @@ class BypassAdapter(nn.Module):
         """An auxiliary training loss of the method (MEMoE: load balancing), or None."""
         return None
 
+    def untouched_before(self, span: tuple[int, int]) -> int:
+        """How many leading tokens of a row whose one anchor is ``span`` ([start, end)) this adapter leaves exactly
+        as the base computes them, whatever its weights (training then does not recompute them:
+        :mod:`memoe.frozen_prefix`). 0: it may change every token."""
+        return 0
+
     def method_state(self) -> dict:
         """Method-specific JSON state saved in ``adapter_config.json`` (e.g. CoachHooK's alpha)."""
         return {}

@@ -116,8 +116,8 @@ class MoELayer(BypassLayer):
         mask = ctx.anchored(self.cfg.scope) if self.cfg.gate_unanchored else torch.ones_like(ctx.anchor_pos, dtype=torch.bool)
         g = g * mask[..., None].to(g.dtype)
         self.last_gates = g.detach()
-        if self.training:
-            self.aux_loss = self.balance_loss(g, probs, mask)
+        if self.training:  # balanced over real tokens: padding, which the rows' lengths decide, has no say
+            self.aux_loss = self.balance_loss(g, probs, mask & ctx.mask[:, -mask.shape[1] :])
         g = g[..., : self.cfg.num_experts]  # the null experts' share goes nowhere
         src = xf if self.cfg.expert_input == "token" else a  # (B, T, H)
         if self.cfg.rank is None:
@@ -148,6 +148,10 @@ class MEMoEAdapter(BypassAdapter):
     def aux_loss(self) -> torch.Tensor | None:
         losses = [l.aux_loss for l in self.layers.values() if l.aux_loss is not None]
         return torch.stack(losses).mean() if losses else None
+
+    def untouched_before(self, span: tuple[int, int]) -> int:
+        # Gated off before the anchor's last token, whose input the router and experts read in every scope.
+        return span[1] - 1 if self.config.gate_unanchored else 0
 
     def add_anchors(self, tok, texts: list[str]) -> None:
         """Make ``texts`` known anchors (the trained subjects, or a user's entity list)."""

@@ -6,7 +6,10 @@ loss = mean over edit rows of the new target's NLL
 
 The base model is *not* a submodule: Lightning never moves, checkpoints or broadcasts it, and it cannot
 enter the optimizer. Only the adapter's parameters are trained and saved. The base's KL references do not change
-while the adapter trains: they are computed once, before the first step (bounded by ``KL_CACHE_BYTES``).
+while the adapter trains: they are computed once, before the first step (bounded by ``KL_CACHE_BYTES``). Nor does
+what the adapter cannot reach: the blocks below its lowest layer, and each row's tokens before the first one the
+adapter may change (MEMoE: the anchor's last token) or a loss reads. That is computed once too
+(:mod:`memoe.frozen_prefix`, bounded by ``PREFIX_CACHE_BYTES``), and every step runs only the rest.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ import torch.nn.functional as F
 from memoe.batching import pad_batch, row_mean, token_nll
 from memoe.config import bounds
 from memoe.contexts import ContextOptions
+from memoe.frozen_prefix import FrozenPrefix
 from memoe.training.data import Row, kl_columns
 
 #: The base's KL reference distributions are cached when they fit in this many bytes; else recomputed every step.
 KL_CACHE_BYTES = 2 * 2**30
+#: The rows' untouched prefixes (KV cache, lower blocks' states) are cached when they fit in this many bytes; else
+#: every step runs the whole rows through the whole model.
+PREFIX_CACHE_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -65,6 +72,8 @@ class AdapterTrainingModule(L.LightningModule):
         self.rows = rows or []  # the training rows, whose KL references are cached at the start
         self.kl_ref: dict[int, torch.Tensor] | None = None  # row index -> (KL columns, V) base log-probabilities
         self.row_nll: dict[int, float] = {}  # request index -> worst NLL of its rows in the latest pass
+        self.prefix: FrozenPrefix | None = None  # what the adapter cannot change, computed at the start
+        self.heads: dict[int, int] = {}  # row index -> its leading tokens that every step leaves out
 
     def on_train_epoch_start(self) -> None:
         self.row_nll.clear()  # the stop rule looks at one whole pass over this process's rows
@@ -74,6 +83,7 @@ class AdapterTrainingModule(L.LightningModule):
             self.base.to(self.device)
         self.adapter.train()
         self.kl_ref = self._kl_references()
+        self.prefix = self._frozen_prefix()
 
     @torch.no_grad()
     def _kl_references(self, batch_size: int = 64) -> dict[int, torch.Tensor] | None:
@@ -104,9 +114,11 @@ class AdapterTrainingModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._seed_noise()
-        base, head = self.base, self.base.get_output_embeddings()
+        head = self.base.get_output_embeddings()
+        if self.prefix is not None:
+            batch = self._tails(batch)
         with self.adapter.given_anchors(batch["spans"]):
-            hidden = base.base_model(input_ids=batch["ids"], attention_mask=batch["mask"]).last_hidden_state
+            hidden = self._hidden(batch, torch.arange(len(batch["ids"])))
         loss = hidden.sum() * 0.0
         if len(batch["edit_rows"]):
             tok_nll = token_nll(head, hidden, batch["edit_rows"], batch["edit_cols"], batch["edit_labels"])
@@ -125,7 +137,7 @@ class AdapterTrainingModule(L.LightningModule):
             else:
                 rows, where = batch["kl_rows"].unique(return_inverse=True)  # the base pass runs on the KL rows only
                 with torch.no_grad(), self.adapter.disabled():
-                    ref = base.base_model(input_ids=batch["ids"][rows], attention_mask=batch["mask"][rows]).last_hidden_state
+                    ref = self._hidden(batch, rows)
                     ref_logp = torch.log_softmax(head(ref[where, batch["kl_cols"]]).float(), -1)
             logp = torch.log_softmax(head(hidden[batch["kl_rows"], batch["kl_cols"]]).float(), -1)
             kl = F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")
@@ -137,6 +149,51 @@ class AdapterTrainingModule(L.LightningModule):
             self.log("train/aux", aux, batch_size=len(batch["spans"]))
         self.log("train/loss", loss, batch_size=len(batch["spans"]))
         return loss
+
+    @torch.no_grad()
+    def _frozen_prefix(self, batch_size: int = 64) -> FrozenPrefix | None:
+        """The base's pass over every row up to what the adapter can change (see the module doc), or None when
+        that is nothing (or too big to keep)."""
+        first = min(int(k) for k in self.adapter.layers)
+        loss_from = lambda r: r.span[1] - 1 if r.kind == "kl" else len(r.ids) - r.n_target - 1  # first column read
+        self.heads = {r.index: max(0, min(self.adapter.untouched_before(r.span), loss_from(r))) for r in self.rows}
+        cfg = self.base.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_bytes = 2 * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) * head_dim * 4  # K and V, a token
+        size = sum(self.heads.values()) * (self.adapter.base_info["num_layers"] - first) * kv_bytes
+        if (first == 0 and not any(self.heads.values())) or size > PREFIX_CACHE_BYTES:
+            return None
+        prefix = FrozenPrefix(self.base, first)
+        pad_id = self.base.config.pad_token_id if self.base.config.pad_token_id is not None else 0
+        with self.adapter.disabled():
+            for i in range(0, len(self.rows), batch_size):
+                chunk = self.rows[i : i + batch_size]
+                ids, mask = pad_batch([r.ids for r in chunk], pad_id, self.device)
+                out, state = prefix.record(input_ids=ids, attention_mask=mask)
+                for b, r in enumerate(chunk):
+                    prefix.keep(r.index, out, state, b, self.heads[r.index], len(r.ids))
+                del out, state
+        return prefix
+
+    def _tails(self, batch: dict) -> dict:
+        """``batch`` with each row from its head on (ids, mask, the loss columns and the anchor spans shifted)."""
+        heads = torch.tensor([self.heads[int(k)] for k in batch["row_ids"]], device=batch["ids"].device)
+        lengths = batch["mask"].sum(1).tolist()
+        pad_id = self.base.config.pad_token_id if self.base.config.pad_token_id is not None else 0
+        ids, mask = pad_batch([row[h:n].tolist() for row, h, n in zip(batch["ids"], heads.tolist(), lengths)], pad_id,
+                              batch["ids"].device)
+        spans = [[(s - h, e - h) for s, e in row] for row, h in zip(batch["spans"], heads.tolist())]
+        return {**batch, "ids": ids, "mask": mask, "spans": spans, "heads": heads,
+                "edit_cols": batch["edit_cols"] - heads[batch["edit_rows"]],
+                "kl_cols": batch["kl_cols"] - heads[batch["kl_rows"]]}
+
+    def _hidden(self, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), T, H) the final hidden states of ``rows`` of ``batch`` (whole, or from their heads on)."""
+        ids, mask = batch["ids"][rows], batch["mask"][rows]
+        if self.prefix is None:
+            return self.base.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        keys = batch["row_ids"][rows].tolist()
+        return self.prefix.forward(keys, ids, mask, batch["heads"][rows].tolist()).last_hidden_state
 
     def worst_nll(self) -> float | None:
         return max(self.row_nll.values()) if self.row_nll else None

@@ -61,7 +61,9 @@ def test_relation_scope_routes_the_subjects_other_relations_to_null_experts(tiny
     r, other = recs[0].request, recs[0].same_subject_prompts[0]
     with torch.no_grad():
         other_before = target_nll(model, tok, [other.prompt], [other.target]).item()
-    cfg = {"adapter": {"layers": [0], "num_experts": 4, "null_experts": 2, "rank": 16, "scope": "relation", "expert_input": "anchor"},
+    # Noise-free gates: with the noisy gate, one prompt's fate depends on the seed (this one: 0.30 -> 0.30 to 5.2 over 8).
+    cfg = {"adapter": {"layers": [0], "num_experts": 4, "null_experts": 2, "rank": 16, "scope": "relation", "expert_input": "anchor",
+                       "router_noise": 0.0},
            "train": {"lr": 0.02, "max_steps": 200, "kl_other_relations": 3}}
     editor = make_editor("memoe", overrides=cfg)
     editor.apply(model, tok, [x.request for x in recs])

@@ -135,3 +135,47 @@ def test_cached_kl_references_give_the_per_step_loss(tiny_testbed):
     recomputed = module.training_step(batch, 0)
     assert cached.item() > 0 and cached.item() == pytest.approx(recomputed.item(), rel=1e-5)
     detach(model)
+
+
+@pytest.mark.parametrize("layer,scope", [(0, "anchor"), (2, "anchor"), (1, "relation"), (3, "after_anchor")])
+def test_a_step_from_the_frozen_prefix_is_the_whole_rows_step(tiny_testbed, layer, scope):
+    """Training runs each row only from what the adapter can change on (the blocks from its layer, the tokens from
+    the anchor's last one); the loss and the adapter's gradients are those of the whole rows through the whole model."""
+    from dataclasses import replace
+
+    from memoe.training.data import collate
+
+    tb, tok = tiny_testbed, tiny_testbed.tokenizer
+    model = copy.deepcopy(tb.model)
+    recs = tb.dataset.records[:6]
+    cfg = replace(ADAPTER, layers=[layer], scope=scope, router_noise=0.0)
+    adapter = MEMoEAdapter.create(model, tok, cfg).attach(model)
+    adapter.add_anchors(tok, [r.request.subject for r in recs])
+    rows = build_rows(tok, [r.request for r in recs], ["It rained."], ["{} is a"], seed=0)
+    module = AdapterTrainingModule(model, adapter, TrainConfig(kl_factor=1.0, aux_factor=0.1), rows)
+    module.log = lambda *a, **k: None
+    with torch.no_grad():  # the experts start at zero: give them weight, so every term moves
+        for p in adapter.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    adapter.train()
+    module.kl_ref = module._kl_references()
+    batch = collate(rows[2:16], tok.pad_token_id)
+
+    def step():
+        adapter.zero_grad()
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None}
+
+    whole, whole_grads = step()
+    module.prefix = module._frozen_prefix()
+    assert module.prefix is not None and module.prefix.first == layer
+    assert all(module.heads[r.index] == r.span[1] - 1 for r in rows)  # MEMoE changes nothing before that token
+    tail, tail_grads = step()
+    assert tail == pytest.approx(whole, rel=1e-5)
+    assert whole_grads.keys() == tail_grads.keys() and whole_grads
+    for n, g in whole_grads.items():
+        assert torch.allclose(tail_grads[n], g, rtol=1e-4, atol=1e-6), n
+    module.kl_ref = None  # the per-step KL references run the same way
+    assert step()[0] == pytest.approx(whole, rel=1e-5)
+    detach(model)

@@ -26,16 +26,16 @@ from abc import abstractmethod
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from memoe import nethook
-from memoe.batching import cache_keyword, cache_of, encode_pairs, model_device, pad_batch, row_mean, target_index, token_nll, warn_if_too_long
+from memoe.batching import encode_pairs, model_device, pad_batch, row_mean, target_index, token_nll, warn_if_too_long
 from memoe.config import bounds
 from memoe.contexts import ContextOptions, prefixed
 from memoe.data.records import EditRequest
 from memoe.editors.base import EditorConfig, WeightEditor, scratch_weights
 from memoe.editors.closed_form.stats import corpus_identity, layers_stats, resolve_corpus
 from memoe.errors import ConfigError
+from memoe.frozen_prefix import FrozenPrefix
 from memoe.models.arch import model_parts
 from memoe.tokens import fact_position
 
@@ -180,37 +180,28 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
     optimisation does; only the unfinished ones run on). Their rows run ``cfg.target_chunk`` requests per
     forward/backward, which bounds memory. A step runs only what δ changes: the blocks above ``layer``, from each
     row's fact token on (the tokens before it come from a KV cache of the first pass)."""
-    parts = model_parts(model)
     head = model.get_output_embeddings()
-    out_name = _layer_out(parts, layer)
-    below = [f"{parts.name('layers')}.{l}" for l in range(layer)]
     rows, N = TargetRows(model, tok, requests, cfg), len(requests)
     chunks = lambda sel: [sel[k : k + cfg.target_chunk] for k in range(0, len(sel), cfg.target_chunk)]
-    kw = cache_keyword(model.base_model)
 
     # One pass without δ. δ enters at the fact token of ``layer``, so nothing before that token, and nothing at or
     # below ``layer``, depends on it: every step starts from this pass's state after ``layer`` at the tokens from the
-    # fact token on, and reads the tokens before it from this pass's KV cache. The pass also gives the unedited
-    # "{subject} is a" distributions for the KL term and h at the fact token of each request's bare prompt.
-    start: dict[tuple, torch.Tensor] = {}  # (request, row within the request's batch) -> (T_row - fact, H)
-    past: dict[tuple, list] = {}  # the same key -> [(K, V) (kv_heads, fact, head_dim) of each block above ``layer``]
+    # fact token on, and reads the tokens before it from this pass's KV cache (``prefix``). The pass also gives the
+    # unedited "{subject} is a" distributions for the KL term and h at the fact token of each request's bare prompt.
+    prefix = FrozenPrefix(model, first=model_parts(model).check_layer(layer) + 1)
     kl_ref, h_init = [], []
-    as_tuple: list[bool] = []  # whether the layers return tuples (the skipped ones must answer in kind)
-    record_kind = lambda module, args, output: as_tuple.append(isinstance(output, tuple))
     with torch.no_grad():
         for sel in chunks(list(range(N))):
             b = rows.batch(sel)
-            with nethook.capture(model, [out_name]) as store, nethook.hooks(model, {out_name: record_kind}):
-                out = model.base_model(input_ids=b.ids, attention_mask=b.mask, use_cache=True)
-            hidden, cache, at_layer = out.last_hidden_state, cache_of(out), store[out_name]  # at_layer: (B, T, H)
+            out, at_layer = prefix.record(input_ids=b.ids, attention_mask=b.mask)  # at_layer: (B, T, H)
+            hidden = out.last_hidden_state
             kl_rows = torch.arange(b.n_prompt_rows, len(b.ids))
             kl_ref.append(torch.log_softmax(head(hidden[kl_rows, b.kl_last]).float(), -1))  # (n, V)
             first = [b.owner[: b.n_prompt_rows].tolist().index(j) for j in range(len(sel))]  # the bare prompt row
             h_init.append(at_layer[first, b.fact[first]].float())
             for r, (key, f, n) in enumerate(zip(_row_keys(b, sel), b.fact.tolist(), b.mask.sum(1).tolist())):
-                start[key] = at_layer[r, f:n].clone()
-                past[key] = [(c.keys[r, :, :f].clone(), c.values[r, :, :f].clone()) for c in cache.layers[layer + 1 :]]
-            del out, cache, store
+                prefix.keep(key, out, at_layer, r, f, n)
+            del out, at_layer
     kl_ref, h_init = torch.cat(kl_ref), torch.cat(h_init)  # (N, V), (N, H)
 
     delta = torch.zeros_like(h_init, requires_grad=True)
@@ -227,12 +218,8 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, cfg: Cl
             for sel in chunks(active):
                 b = rows.batch(sel, from_fact=True)
                 d = delta[sel]  # (n, H)
-                cached = _start_state(start, b, sel)  # (B, T, H) the state after ``layer`` for these rows
-                state = lambda b=b, d=d, cached=cached: _with_delta(cached, b, d)
-                kv, mask, positions = _past(past, b, sel, layer)
-                with nethook.start_after(model, below + [out_name], state, as_tuple[0]):
-                    hidden = model.base_model(input_ids=b.ids, attention_mask=mask, position_ids=positions,
-                                              use_cache=True, **{kw: kv}).last_hidden_state
+                hidden = prefix.forward(_row_keys(b, sel), b.ids, b.mask, b.head,
+                                        edit=lambda s, b=b, d=d: _with_delta(s, b, d)).last_hidden_state
                 row_nll = row_mean(token_nll(head, hidden, *b.nll_index), b.tok_row, b.n_prompt_rows)  # (rows,)
                 nll = row_mean(row_nll, b.owner[: b.n_prompt_rows], len(sel))  # (n,) mean over each request's prompts
                 req_nll[sel] = nll.detach().cpu()
@@ -276,30 +263,6 @@ def _row_keys(b: TargetBatch, sel: list[int]) -> list[tuple[int, int]]:
         keys.append((sel[j], seen.get(sel[j], 0)))
         seen[sel[j]] = keys[-1][1] + 1
     return keys
-
-
-def _start_state(start: dict, b: TargetBatch, sel: list[int]) -> torch.Tensor:
-    """(B, T, H) the cached state after the edit layer for the rows of ``b``, padded as ``b``."""
-    out = [start[key] for key in _row_keys(b, sel)]
-    width = b.ids.shape[1]
-    return torch.stack([torch.nn.functional.pad(h[:width], (0, 0, 0, width - min(width, len(h)))) for h in out])
-
-
-def _past(past: dict, b: TargetBatch, sel: list[int], layer: int):
-    """The KV cache of the tokens before each row's fact token (left-padded to the longest), with the (B, head + T)
-    attention mask and the (B, T) positions of ``b``'s rows, which start at their fact tokens. The blocks up to
-    ``layer`` are not run, so their cache entries are placeholders that only give the cache its length."""
-    keys, width = _row_keys(b, sel), max(b.head)
-    dev = b.ids.device
-    left_pad = lambda t: torch.nn.functional.pad(t, (0, 0, width - t.shape[1], 0))  # (kv, h, hd) -> (kv, width, hd)
-    blank = torch.zeros(1, 1, 1, 1, device=dev).expand(len(keys), 1, width, 1)
-    data = [(blank, blank)] * (layer + 1)
-    for i in range(len(past[keys[0]])):
-        data.append(tuple(torch.stack([left_pad(past[k][i][j]) for k in keys]) for j in (0, 1)))
-    heads = torch.tensor(b.head, device=dev)
-    head_mask = (torch.arange(width, device=dev) >= width - heads[:, None]).to(b.mask.dtype)  # (B, width)
-    positions = heads[:, None] + torch.arange(b.ids.shape[1], device=dev)  # (B, T)
-    return DynamicCache(ddp_cache_data=data), torch.cat([head_mask, b.mask], 1), positions
 
 
 def _with_delta(h: torch.Tensor, b: TargetBatch, d: torch.Tensor) -> torch.Tensor:
