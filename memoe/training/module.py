@@ -93,7 +93,7 @@ class AdapterTrainingModule(L.LightningModule):
         vocab = head.weight.shape[0]
         if not kl or self.cfg.kl_factor == 0 or sum(len(kl_columns(r)) for r in kl) * vocab * 4 > KL_CACHE_BYTES:
             return None
-        pad_id = self.base.config.pad_token_id if self.base.config.pad_token_id is not None else 0
+        pad_id = self._pad_id()
         out = {}
         with self.adapter.disabled():
             for i in range(0, len(kl), batch_size):
@@ -103,6 +103,10 @@ class AdapterTrainingModule(L.LightningModule):
                 for b, r in enumerate(chunk):
                     out[r.index] = torch.log_softmax(head(hidden[b, list(kl_columns(r))]).float(), -1)  # (cols, V)
         return out
+
+    def _pad_id(self) -> int:
+        pad = self.base.config.pad_token_id
+        return pad if pad is not None else 0
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.adapter.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -164,7 +168,7 @@ class AdapterTrainingModule(L.LightningModule):
         if (first == 0 and not any(self.heads.values())) or size > PREFIX_CACHE_BYTES:
             return None
         prefix = FrozenPrefix(self.base, first)
-        pad_id = self.base.config.pad_token_id if self.base.config.pad_token_id is not None else 0
+        pad_id = self._pad_id()
         with self.adapter.disabled():
             for i in range(0, len(self.rows), batch_size):
                 chunk = self.rows[i : i + batch_size]
@@ -179,7 +183,7 @@ class AdapterTrainingModule(L.LightningModule):
         """``batch`` with each row from its head on (ids, mask, the loss columns and the anchor spans shifted)."""
         heads = torch.tensor([self.heads[int(k)] for k in batch["row_ids"]], device=batch["ids"].device)
         lengths = batch["mask"].sum(1).tolist()
-        pad_id = self.base.config.pad_token_id if self.base.config.pad_token_id is not None else 0
+        pad_id = self._pad_id()
         ids, mask = pad_batch([row[h:n].tolist() for row, h, n in zip(batch["ids"], heads.tolist(), lengths)], pad_id,
                               batch["ids"].device)
         spans = [[(s - h, e - h) for s, e in row] for row, h in zip(batch["spans"], heads.tolist())]
