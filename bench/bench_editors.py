@@ -216,8 +216,8 @@ def main(editors: list[str], sizes: list[int], min_edits: int, config: str, thre
     edits = [r for r in result["editing"] if r["what"] == "edit"]
     if edits:
         print(f"\nEditing, model {model} ({dtype}), edits from {info['edits']} ({info['machine']}); "
-              "editor configs " + ", ".join(f"configs/{Path(c).relative_to(config_root())}" if c else f"{n}: defaults"
-                                            for n, c in ((n, b.config_path(n)) for n in editors))
+              "editor configs " + ", ".join(f"configs/{Path(p).relative_to(config_root())}" if (p := b.config_path(n))
+                                            else f"{n}: defaults" for n in editors)
               + "".join(f", {k}={v}" for k, v in b.overrides.items()) + "\n")
         print("| editor | batch size | edits/s | peak memory (MiB) | time split (s) |\n|---|---|---|---|---|")
         for r in edits:
