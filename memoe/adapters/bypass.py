@@ -47,6 +47,7 @@ class RoutingContext:
 
     def __init__(self):
         self.anchor_pos: torch.Tensor | None = None  # (B, T) absolute index of the latest anchor's last token, -1 none
+        self.anchor_id: torch.Tensor | None = None  # (B, T) that anchor's id (AnchorTrie.texts index), -1 none/unknown
         self.offset = 0  # absolute index of this forward's first position
         self.mask: torch.Tensor | None = None  # (B, offset + T) True at real (non-padding) positions seen so far
         self.ids: torch.Tensor | None = None  # ids so far (cached generation only)
@@ -115,6 +116,7 @@ class BypassAdapter(nn.Module):
         self.enabled = True
         self.ctx = RoutingContext()
         self._given: list[list[tuple[int, int]]] | None = None
+        self._given_ids: list[list[int]] | None = None
         #: Extra anchor detectors beside the trie (e.g. :class:`~memoe.adapters.anchors.EntityDetector`); not saved.
         self.detectors: list = []
         #: The folder it was loaded from (None when made in this process): the same folder is attached once.
@@ -147,6 +149,16 @@ class BypassAdapter(nn.Module):
     def aux_loss(self) -> torch.Tensor | None:
         """An auxiliary training loss of the method (MEMoE: load balancing), or None."""
         return None
+
+    def gate_loss(self, rows: torch.Tensor, cols: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor | None:
+        """A supervised loss on the adapter's gate at positions (``rows``, ``cols``) of the last forward, which should
+        be ``wanted`` there (1 open, 0 shut); None for adapters without such a gate."""
+        return None
+
+    @property
+    def sentence_reach(self) -> bool:
+        """Whether an anchor routes only the tokens of its own sentence (else every later token of the text)."""
+        return False
 
     def untouched_before(self, span: tuple[int, int]) -> int:
         """How many leading tokens of a row whose one anchor is ``span`` ([start, end)) this adapter leaves exactly
@@ -226,22 +238,30 @@ class BypassAdapter(nn.Module):
         if not self.uses_anchors:
             return None
         if self._given is not None:
-            spans = self._given
+            spans, owners = self._given, self._given_ids
         elif full is None:
-            spans = [[] for _ in range(B)]  # embeddings only: nothing to match, the bypass stays off
+            spans, owners = [[] for _ in range(B)], None  # embeddings only: nothing to match, the bypass stays off
         else:
-            spans = [sorted(set(self.trie.find(row)).union(*(d.find(row) for d in self.detectors))) for row in full.tolist()]
-        ctx.anchor_pos = anchor_positions(spans, start + T, ref.device)[:, start:]
+            spans, owners = [], []
+            for row in full.tolist():
+                found = {(s, e): o for s, e, o in self.trie.find_owned(row)}  # a detector's entity has no id
+                row_spans = sorted(set(found).union(*(d.find(row) for d in self.detectors)))
+                spans.append(row_spans)
+                owners.append([found.get(sp, -1) for sp in row_spans])
+        ends = [self.trie.sentence_ends(row) for row in full.tolist()] if self.sentence_reach and full is not None else None
+        pos, ids = anchor_positions(spans, start + T, ref.device, owners, ends)
+        ctx.anchor_pos, ctx.anchor_id = pos[:, start:], ids[:, start:]
         return None
 
     @contextlib.contextmanager
-    def given_anchors(self, spans: list[list[tuple[int, int]]]) -> Iterator[None]:
-        """Route by these ``[start, end)`` anchor spans per row (training: the requests' subjects)."""
-        old, self._given = self._given, spans
+    def given_anchors(self, spans: list[list[tuple[int, int]]], ids: list[list[int]] | None = None) -> Iterator[None]:
+        """Route by these ``[start, end)`` anchor spans per row (training: the requests' subjects), whose anchor ids
+        are ``ids`` (per row one per span; None: unknown)."""
+        old, self._given, self._given_ids = (self._given, self._given_ids), spans, ids
         try:
             yield
         finally:
-            self._given = old
+            self._given, self._given_ids = old
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -271,6 +291,8 @@ class BypassAdapter(nn.Module):
         tensors = {f"layers.{k}": v for k, v in self.layers.state_dict().items()}
         if self.trie is not None:
             tensors["anchors.joins"], tensors["anchors.special"] = self.trie.joins, self.trie.special
+            if self.trie.stops is not None:
+                tensors["anchors.stops"] = self.trie.stops
         save_tensors(path / WEIGHTS_NAME, tensors, metadata={"format": "pt", "method": self.method})
         write_json(path / CONFIG_NAME, {
             "method": self.method, "version": self.version, "base_model": self.base_info,
@@ -345,11 +367,14 @@ def read_adapter(path: str | Path, classes: dict[str, type[BypassAdapter]]) -> B
         anchors = meta.get("anchors")
         ok = (isinstance(anchors, dict) and isinstance(anchors.get("texts"), list)
               and all(isinstance(t, str) for t in anchors["texts"]) and isinstance(anchors.get("sequences"), list)
-              and all(isinstance(q, list) and q and all(isinstance(i, int) for i in q) for q in anchors["sequences"]))
+              and all(isinstance(q, list) and q and all(isinstance(i, int) for i in q) for q in anchors["sequences"])
+              and (anchors.get("owners") is None or (isinstance(anchors["owners"], list)
+                   and len(anchors["owners"]) == len(anchors["sequences"])
+                   and all(isinstance(o, int) and -1 <= o < len(anchors["texts"]) for o in anchors["owners"]))))
         if not ok:  # without its anchors the adapter would route nothing: an attached no-op
-            raise AdapterError(f"{cfg_file}: key 'anchors' must be {{'texts': [str], 'sequences': [[int]]}} "
+            raise AdapterError(f"{cfg_file}: key 'anchors' must be {{'texts': [str], 'sequences': [[int]], 'owners': [int]}} "
                                f"(the subjects the adapter routes on), got {str(anchors)[:80]!r}")
-        trie = AnchorTrie(tensors.pop("anchors.joins"), tensors.pop("anchors.special"))
+        trie = AnchorTrie(tensors.pop("anchors.joins"), tensors.pop("anchors.special"), tensors.pop("anchors.stops", None))
         trie.load_state(anchors)
     adapter = cls(config, meta["base_model"], trie)
     adapter.build()

@@ -20,6 +20,17 @@ on the tokens after the anchor (they ask for one fact and predict its answer), `
 experts read the anchor embedding there (the new fact belongs to the entity; the router, which sees the token,
 decides whether this token asks for it), and ``null_experts`` gives the router experts that output nothing, a
 learned "not this fact", trained with the subject's other relations as KL rows (``kl_other_relations``).
+
+**Relation gate (ours, off by default)**: a linear router on [x ; a] cannot say "this entity, *and* this question":
+that is a product of the two. With ``relation_keys`` each edit stores the layer input at its prompt's last token
+(bare and under each context prefix) as keys tagged with its anchor's id (exact, from the trie), and the bypass of
+a token is scaled by
+
+    ρ_t = σ(τ · max_{j: anchor_j = anchor_t} cos(P x_t, P k_j) + b_j)      (0 where the anchor has no key)
+
+so it opens where the token asks of its entity what an edit asked. P (shared by every edit: it learns which
+directions tell questions apart), τ and b are trained by the edit rows (open at the answer positions) against the
+KL rows, the subject's other relations (shut); the keys themselves are stored, not trained.
 """
 
 from __future__ import annotations
@@ -31,8 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from memoe.adapters.bypass import BypassAdapter, BypassLayer, RoutingContext
+from memoe.batching import pad_batch
 from memoe.config import bounds
 from memoe.errors import ConfigError
+from memoe.models.arch import model_parts
+from memoe.nethook import capture
 
 
 @dataclass
@@ -67,6 +81,22 @@ class MEMoEConfig:
     null_experts: int = field(default=0, metadata=bounds(0, 1024))
     """Experts that output nothing (ours; 0 = the paper): the router can learn to send a token to them, a learned
     "no edit here" (for the subject's other relations, with the ``kl_other_relations`` training rows)."""
+    relation_keys: int = field(default=0, metadata=bounds(0))
+    """Slots of the relation gate (ours; 0 = off, the paper). Each edit stores its layer input at the last token of
+    its prompt (bare and under each context prefix) as keys tagged with its anchor's id; the bypass of a token
+    whose anchor is that entity is scaled by ρ = σ(τ · max_j cos(P x_t, P k_j) + b_j) over the entity's keys, so it
+    opens where the token asks what the edited prompt asks. P (shared by all edits), τ and b are trained with the
+    edit rows as positives and the KL rows (the subject's other relations) as negatives (``train.gate_factor``).
+    An edit beyond the slots is refused."""
+    hard_relation_gate: bool = False
+    """Use the relation gate as a switch, 1 where ρ > 0.5 and 0 elsewhere (gradients pass through ρ, straight-through),
+    so a token it shuts gets exactly the base output rather than a small share of the edit."""
+    relation_key_rank: int = field(default=64, metadata=bounds(1))
+    """Rows of P, the learned projection the relation gate compares states in."""
+    anchor_reach: str = field(default="text", metadata=bounds(choices=("text", "sentence")))
+    """How far an anchor routes: every later token of the text (the paper), or (ours) only to the end of its
+    sentence, so a later sentence about another entity the trie does not know ("X speaks English. Y speaks") is
+    not read as X's. A sentence ends at a token whose text ends in ".", "!" or "?", or holds a line break."""
     init_std: float = field(default=0.02, metadata=bounds(0.0))
     """Standard deviation of A_e and of the router weights at initialisation."""
 
@@ -90,6 +120,14 @@ class MoELayer(BypassLayer):
         router_in = 2 * hidden if cfg.use_anchor else hidden
         self.router = nn.Parameter(torch.randn(E + cfg.null_experts, router_in, generator=gen) * cfg.init_std)
         self.noise = nn.Parameter(torch.zeros(E + cfg.null_experts, router_in))
+        if cfg.relation_keys:  # the relation gate (ours); the paper's form has none of these tensors
+            K = cfg.relation_keys
+            self.register_buffer("key_owner", torch.full((K,), -1, dtype=torch.long))  # anchor id per slot, -1: free
+            self.register_buffer("keys", torch.zeros(K, hidden))  # k_j: the edited prompts' states (stored, not trained)
+            self.key_proj = nn.Parameter(torch.randn(min(cfg.relation_key_rank, hidden), hidden, generator=gen) * cfg.init_std)
+            self.key_scale = nn.Parameter(torch.tensor(20.0))  # τ: at start ρ = 0.5 at cosine 0.5, 1.0 at a stored key
+            self.key_bias = nn.Parameter(torch.full((K,), -10.0))  # b_j
+        self.relation_gate: torch.Tensor | None = None  # (B, T) ρ of the last forward (with gradients in training)
         self.aux_loss: torch.Tensor | None = None  # load-balancing loss of the last training forward
         self.last_gates: torch.Tensor | None = None  # (B, T, E) gate weights of the last forward (zeros off top-k)
         self.noise_generator: torch.Generator | None = None  # set by the trainer (seed_noise) for reproducible noise
@@ -108,6 +146,26 @@ class MoELayer(BypassLayer):
     def seed_noise(self, generator: torch.Generator) -> None:
         self.noise_generator = generator
 
+    def claim_keys(self, owners: list[int], states: torch.Tensor) -> None:
+        """Store the keys of edited facts: ``states`` (n, H), the layer inputs at their prompts' last tokens, of the
+        entities ``owners`` (n anchor ids)."""
+        free = (self.key_owner < 0).nonzero().flatten()
+        if len(owners) > len(free):
+            raise ConfigError(f"relation_keys={self.cfg.relation_keys}: {len(free)} free slots, {len(owners)} new keys "
+                              "(one per edit and context prefix); raise adapter.relation_keys")
+        slots = free[: len(owners)]
+        self.key_owner[slots] = torch.tensor(owners, dtype=torch.long, device=self.key_owner.device)
+        self.keys[slots] = states.to(self.keys)
+
+    def relation_gates(self, x: torch.Tensor, anchor_id: torch.Tensor) -> torch.Tensor:
+        """(B, T) ρ: how much each token asks for an edited fact of its anchor (0 where the anchor has no key)."""
+        q = F.normalize(x @ self.key_proj.T, dim=-1)  # (B, T, r)
+        k = F.normalize(self.keys @ self.key_proj.T, dim=-1)  # (K, r)
+        scores = self.key_scale * (q @ k.T) + self.key_bias  # (B, T, K)
+        mine = (self.key_owner >= 0) & (self.key_owner == anchor_id[..., None])  # (B, T, K)
+        best = scores.masked_fill(~mine, float("-inf")).amax(-1)  # (B, T); -inf where no key is the anchor's
+        return torch.sigmoid(best)
+
     def forward(self, x: torch.Tensor, out: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         xf = x.float()
         needs_anchor = self.cfg.use_anchor or self.cfg.expert_input == "anchor"
@@ -119,6 +177,11 @@ class MoELayer(BypassLayer):
         if self.training:  # balanced over real tokens: padding, which the rows' lengths decide, has no say
             self.aux_loss = self.balance_loss(g, probs, mask & ctx.mask[:, -mask.shape[1] :])
         g = g[..., : self.cfg.num_experts]  # the null experts' share goes nowhere
+        if self.cfg.relation_keys:
+            self.relation_gate = rho = self.relation_gates(xf, ctx.anchor_id) * mask.to(xf.dtype)  # (B, T)
+            if self.cfg.hard_relation_gate:  # 0 or 1 forward, ρ's gradient backward
+                rho = (rho > 0.5).to(rho.dtype) + rho - rho.detach()
+            g = g * rho[..., None]
         src = xf if self.cfg.expert_input == "token" else a  # (B, T, H)
         if self.cfg.rank is None:
             y = torch.einsum("bte,eoh,bth->bto", g, self.W, src)
@@ -145,9 +208,50 @@ class MEMoEAdapter(BypassAdapter):
     def build_layer(self, layer: int) -> MoELayer:
         return MoELayer(self.base_info["hidden_size"], self.config)
 
+    @property
+    def sentence_reach(self) -> bool:
+        return self.config.anchor_reach == "sentence"
+
     def aux_loss(self) -> torch.Tensor | None:
         losses = [l.aux_loss for l in self.layers.values() if l.aux_loss is not None]
         return torch.stack(losses).mean() if losses else None
+
+    def gate_loss(self, rows: torch.Tensor, cols: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor | None:
+        """Binary cross-entropy of the relation gate ρ of the last forward at (``rows``, ``cols``) against ``wanted``
+        (1: the token asks for the edited fact; 0: it does not), the two classes weighted equally; None without one."""
+        gates = [l.relation_gate for l in self.layers.values() if l.relation_gate is not None]
+        if not gates or not len(rows):
+            return None
+        losses = []
+        for rho in gates:
+            p = rho[rows, cols].clamp(1e-6, 1 - 1e-6)
+            bce = -(wanted * p.log() + (1 - wanted) * (1 - p).log())
+            losses += [bce[wanted == c].mean() for c in (0.0, 1.0) if (wanted == c).any()]
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def add_facts(self, model, tok, subjects: list[str], prompts: list[list[str]], batch_size: int = 64) -> None:
+        """Store the relation gate's keys of edited facts (no-op without the gate): for each subject (already an
+        anchor) the base's layer inputs at the last token of each of its ``prompts`` (filled-in texts)."""
+        if not self.config.relation_keys:
+            return
+        owners = [self.trie.owner(s) for s, ps in zip(subjects, prompts) for _ in ps]
+        texts = [p for ps in prompts for p in ps]
+        parts, device = model_parts(model), next(model.parameters()).device
+        states: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
+        names = {k: parts.name(self.target, int(k)) for k in self.layers}
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        with self.disabled():  # the base's states (exact for the lowest adapted layer)
+            for i in range(0, len(texts), batch_size):
+                seqs = [tok(t, add_special_tokens=True)["input_ids"] for t in texts[i : i + batch_size]]
+                ids, mask = pad_batch(seqs, pad, device)
+                last = torch.tensor([len(q) - 1 for q in seqs], device=device)
+                with capture(model, list(names.values()), inputs=True) as got:
+                    model.base_model(input_ids=ids, attention_mask=mask)
+                for k, name in names.items():
+                    states[k].append(got[name][torch.arange(len(seqs), device=device), last].float())  # (b, H)
+        for k, layer in self.layers.items():
+            layer.claim_keys(owners, torch.cat(states[k]))
 
     def untouched_before(self, span: tuple[int, int]) -> int:
         # Gated off before the anchor's last token, whose input the router and experts read in every scope.

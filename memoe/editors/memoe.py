@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from memoe.adapters.moe import MEMoEAdapter, MEMoEConfig
 from memoe.config import bounds
+from memoe.contexts import prefixed
 from memoe.data.records import EditRequest
 from memoe.editors.base import EditorConfig
 from memoe.editors.bypass import BypassEditor
@@ -66,6 +67,8 @@ class MEMoEEditor(BypassEditor):
         adapter.add_anchors(tok, [r.subject for r in requests])
         with adapter.disabled():  # prefixes are the base model's text
             train = self.prefixes.apply(model, tok, cfg.train)
+        adapter.add_facts(model, tok, [r.subject for r in requests],
+                          [[t.replace("{}", r.subject) for t in prefixed(r.prompt, train.context_prefixes)] for r in requests])
         info = fit_adapter(model, tok, adapter, requests + replay[-cfg.replay :] if cfg.replay else requests, train, cfg.trainer)
         info.pop("trainer")
         info["time_split"] = {"training": round(info["seconds"], 3)}

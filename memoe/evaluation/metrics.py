@@ -180,20 +180,24 @@ def locality_pairs(rec: EditRecord) -> list[tuple[str, str]]:
 
 
 def subject_probes(records: list[EditRecord], per_record: int = 3) -> dict:
-    """case id -> the record's subject asked about other relations: its ``same_subject_prompts`` where the dataset
-    has them (the synthetic world), else up to ``per_record`` other relations' request templates among ``records``
-    filled with the subject (the first distinct relations in record order)."""
+    """case id -> the record's subject asked about other relations, as (prompt, answer or None) pairs: its
+    ``same_subject_prompts`` where the dataset has them (the synthetic world), else up to ``per_record`` other
+    relations' request templates among ``records`` filled with the subject (the first distinct relations in record
+    order). ``records`` is the whole run: a probe of a fact the run also edits (the subject's request under another
+    record) is left out, since after the run its answer *should* change."""
     templates = list(dict.fromkeys((r.request.relation, r.request.prompt) for r in records if r.request.relation))
     by_relation: dict = {}
     for rel, template in templates:
         by_relation.setdefault(rel, template)  # each relation's first template
+    edited_texts = {r.request.text for r in records}
+    edited_relations = {(r.request.subject, r.request.relation) for r in records if r.request.relation}
     out = {}
     for r in records:
         if r.same_subject_prompts:
-            out[r.case_id] = tuple(p.prompt for p in r.same_subject_prompts)
+            out[r.case_id] = tuple((p.prompt, p.target) for p in r.same_subject_prompts if p.prompt not in edited_texts)
         else:
-            others = [t for rel, t in by_relation.items() if rel != r.request.relation][:per_record]
-            out[r.case_id] = tuple(t.format(r.request.subject) for t in others)
+            others = [t for rel, t in by_relation.items() if (r.request.subject, rel) not in edited_relations][:per_record]
+            out[r.case_id] = tuple((t.format(r.request.subject), None) for t in others)
     return out
 
 
@@ -215,13 +219,13 @@ def raw_scores(model, tok, records: list[EditRecord], opts: ScoreOptions | None 
     new = lambda r, ps: [(p, r.request.target_new) for p in ps]
     true = lambda r, ps: [(p, r.request.target_true or r.request.target_new) for p in ps]
     probes = probes if probes is not None else subject_probes(records)
-    probe_prompts = [list(probes.get(r.case_id, ())) for r in records]
+    probe_prompts = [[p for p, _ in probes.get(r.case_id, ())] for r in records]
     kinds = {"request_new": [new(r, [r.request.text]) for r in records], "request_true": [true(r, [r.request.text]) for r in records],
              "para_new": [new(r, r.paraphrase_prompts) for r in records], "para_true": [true(r, r.paraphrase_prompts) for r in records],
              "neigh_new": [new(r, r.neighborhood_prompts) for r in records],
              "neigh_true": [true(r, r.neighborhood_prompts) for r in records],
              "loc": [locality_pairs(r) for r in records],
-             "same": [[(p.prompt, p.target) for p in r.same_subject_prompts] for r in records]}
+             "same": [[(p, t) for p, t in probes.get(r.case_id, ()) if t is not None] for r in records]}
     if opts.stress:
         plus = [[f"{r.request.text} {r.request.target_new}. {p}" for p in r.neighborhood_prompts] for r in records]
         prefixed = [[f"{PREFIX} {r.request.text}"] for r in records]

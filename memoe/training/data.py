@@ -47,7 +47,11 @@ def relation_templates(requests: list[EditRequest], i: int, k: int, rng: random.
     own = requests[i]
     if same and not own.relation:
         return []
-    wanted = (lambda r: r.relation == own.relation) if same else (lambda r: not own.relation or r.relation != own.relation)
+    if same:
+        wanted = lambda r: r.relation == own.relation
+    else:  # not a relation whose fact of this subject the batch also edits: that one must change
+        edited = {r.relation for r in requests if r.subject == own.subject and r.relation}
+        wanted = lambda r: not own.relation or r.relation not in edited
     pool = sorted({r.prompt for r in requests if r.prompt != own.prompt and wanted(r)})
     return rng.sample(pool, min(k, len(pool)))
 

@@ -2,6 +2,8 @@
 
 loss = mean over edit rows of the new target's NLL
      + kl_factor · KL(base || adapted) of the next-token distributions on the KL rows
+     + gate_factor · the adapter's supervised gate loss, if it has a gate (MEMoE's relation gate: open on the
+       edit rows' answer positions, shut on the KL rows)
      + aux_factor · the adapter's auxiliary loss (MEMoE: load balancing; CoachHooK: C0 preservation), if any
 
 The base model is *not* a submodule: Lightning never moves, checkpoints or broadcasts it, and it cannot
@@ -55,6 +57,9 @@ class TrainConfig(ContextOptions):
     with its subject, join its edit rows (ours: the new fact under the batch's other wordings of the question)."""
     kl_factor: float = field(default=1.0, metadata=bounds(0.0))
     """Weight of the KL term (0: off)."""
+    gate_factor: float = field(default=1.0, metadata=bounds(0.0))
+    """Weight of the supervised gate loss of an adapter that has one (MEMoE with ``relation_keys``: its relation gate
+    should open at the edit rows' answer positions and stay shut on the KL rows)."""
     aux_factor: float = field(default=1e-2, metadata=bounds(0.0))
     """Weight of the adapter's auxiliary loss (MEMoE: load balancing; CoachHooK: C0 preservation penalty)."""
     stop_loss: float = field(default=5e-2, metadata=bounds(0.0))
@@ -74,6 +79,7 @@ class AdapterTrainingModule(L.LightningModule):
         self.row_nll: dict[int, float] = {}  # request index -> worst NLL of its rows in the latest pass
         self.prefix: FrozenPrefix | None = None  # what the adapter cannot change, computed at the start
         self.heads: dict[int, int] = {}  # row index -> its leading tokens that every step leaves out
+        self.anchor_ids: dict[int, int] = {}  # row index -> its subject's anchor id (-1: not an anchor)
 
     def on_train_epoch_start(self) -> None:
         self.row_nll.clear()  # the stop rule looks at one whole pass over this process's rows
@@ -82,6 +88,8 @@ class AdapterTrainingModule(L.LightningModule):
         if next(self.base.parameters()).device != self.device:  # one process per device under DDP
             self.base.to(self.device)
         self.adapter.train()
+        trie = self.adapter.trie
+        self.anchor_ids = {r.index: trie.owner_of(r.ids[r.span[0] : r.span[1]]) if trie is not None else -1 for r in self.rows}
         self.kl_ref = self._kl_references()
         self.prefix = self._frozen_prefix()
 
@@ -121,7 +129,8 @@ class AdapterTrainingModule(L.LightningModule):
         head = self.base.get_output_embeddings()
         if self.prefix is not None:
             batch = self._tails(batch)
-        with self.adapter.given_anchors(batch["spans"]):
+        ids = [[self.anchor_ids.get(k, -1)] for k in batch["row_ids"].tolist()]
+        with self.adapter.given_anchors(batch["spans"], ids):
             hidden = self._hidden(batch, torch.arange(len(batch["ids"])))
         loss = hidden.sum() * 0.0
         if len(batch["edit_rows"]):
@@ -147,6 +156,13 @@ class AdapterTrainingModule(L.LightningModule):
             kl = F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")
             loss = loss + self.cfg.kl_factor * kl
             self.log("train/kl", kl, batch_size=len(batch["kl_rows"]))
+        if self.cfg.gate_factor > 0:  # open where an edit row's answer is read, shut on the KL rows
+            rows, cols = torch.cat([batch["edit_rows"], batch["kl_rows"]]), torch.cat([batch["edit_cols"], batch["kl_cols"]])
+            wanted = torch.cat([torch.ones(len(batch["edit_rows"])), torch.zeros(len(batch["kl_rows"]))]).to(hidden.device)
+            gate = self.adapter.gate_loss(rows, cols, wanted)
+            if gate is not None:
+                loss = loss + self.cfg.gate_factor * gate
+                self.log("train/gate", gate, batch_size=len(rows))
         aux = self.adapter.aux_loss()
         if aux is not None and self.cfg.aux_factor > 0:
             loss = loss + self.cfg.aux_factor * aux

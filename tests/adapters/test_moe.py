@@ -80,10 +80,10 @@ def test_gate_off_inputs_get_exactly_the_base_output(base, tiny_testbed):
     assert not torch.equal(model(input_ids=ids, attention_mask=mask).logits[0], ref[0])
 
 
-def changed_positions(model, tok, subj, text, scope):
+def changed_positions(model, tok, subj, text, scope, **cfg):
     """Positions whose layer-1 MLP output a randomised adapter of ``scope`` changes, and the anchor's end."""
     ids, mask = batch(tok, [text])
-    a = make(model, tok, [subj], scope=scope)
+    a = make(model, tok, [subj], scope=scope, **cfg)
     randomise(a)
     seen = {}
     h = model.model.layers[1].mlp.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
@@ -106,6 +106,16 @@ def test_scope_relation_edits_only_the_tokens_after_the_anchor(base, tiny_testbe
     subj = tiny_testbed.dataset.records[0].request.subject
     changed, end, length = changed_positions(*base, subj, f"{subj} lives in the", "relation")
     assert changed == list(range(end, length))  # the relation's tokens, not the subject's
+
+
+def test_sentence_reach_ends_the_anchors_routing_at_its_sentence_end(base, tiny_testbed):
+    subj = tiny_testbed.dataset.records[0].request.subject
+    text = f"{subj} lives in Rome. The river is"
+    changed, end, length = changed_positions(*base, subj, text, "after_anchor", anchor_reach="sentence")
+    stop = end + len(base[1](" lives in Rome.", add_special_tokens=False)["input_ids"]) - 1
+    assert changed == list(range(end - 1, stop + 1))  # the subject's sentence, up to its full stop, and no further
+    everywhere, _, _ = changed_positions(*base, subj, text, "after_anchor")
+    assert everywhere == list(range(end - 1, length))
 
 
 def test_null_experts_take_their_gate_share_to_no_output(base, tiny_testbed):
@@ -279,3 +289,73 @@ def test_an_ner_detector_plugs_in_beside_the_trie(base, tiny_testbed):
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
     a.detectors.append(EntityDetector(tok, lambda text: [{"start": text.index(subj), "end": text.index(subj) + len(subj)}]))
     assert not torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
+
+
+def test_relation_gate_opens_only_where_the_token_asks_the_stored_question():
+    """Hand-built: anchor 0's stored key is e0, anchor 1's is e1. The same anchor under two questions (e0, e1) gets two
+    gates, open and shut; a token with no anchor, or whose anchor has no key, gets exactly the base output."""
+    from memoe.adapters.bypass import RoutingContext
+    from memoe.adapters.moe import MoELayer
+
+    H = 8
+    layer = MoELayer(H, MEMoEConfig(layers=[0], num_experts=2, top_k=1, rank=2, relation_keys=4, relation_key_rank=H,
+                                    scope="after_anchor")).eval()  # noise-free routing
+    with torch.no_grad():
+        layer.key_proj.copy_(torch.eye(H))
+        layer.B.fill_(0.5)  # every expert writes something
+    eye = torch.eye(H)
+    layer.claim_keys([0, 1], torch.stack([eye[0], eye[1]]))
+    assert layer.key_owner.tolist() == [0, 1, -1, -1]
+    x = torch.stack([eye[0], 3 * eye[0] + 0.1 * eye[5], eye[1], eye[1], eye[0]])[None]  # (1, 5, H)
+    ctx = RoutingContext()
+    ctx.anchor_pos = torch.tensor([[-1, 0, 0, 0, 0]])
+    ctx.anchor_id = torch.tensor([[-1, 0, 0, 1, 2]])  # no anchor; anchor 0 asked e0 (scaled), e1; anchor 1 asked e1; 2: no key
+    ctx.mask = torch.ones(1, 5, dtype=torch.bool)
+    out = torch.zeros(1, 5, H)
+    y = layer(x, out, ctx)
+    rho = layer.relation_gate[0]
+    assert rho[1] > 0.99 and rho[3] > 0.99  # the stored question, whatever its norm
+    assert rho[2] < 1e-3  # the same anchor asked another question
+    assert rho[0] == 0 and rho[4] == 0  # no anchor / an anchor without a key
+    assert torch.equal(y[0, [0, 4]], out[0, [0, 4]]) and y[0, 1].abs().sum() > 0
+    assert y[0, 2].abs().max() < 1e-3 * y[0, 1].abs().max()
+    layer.cfg.hard_relation_gate = True  # a switch: shut is exactly the base, open is the whole edit
+    hard = layer(x, out, ctx)
+    assert torch.equal(hard[0, [0, 2, 4]], out[0, [0, 2, 4]])
+    assert torch.allclose(hard[0, [1, 3]], y[0, [1, 3]] / rho[[1, 3], None], rtol=1e-5)
+    with pytest.raises(Exception, match="relation_keys=4: 2 free slots, 3 new keys"):
+        layer.claim_keys([5, 6, 7], torch.zeros(3, H))
+
+
+def test_relation_keys_are_stored_from_the_base_and_saved_with_their_anchor_ids(base, tiny_testbed, tmp_path):
+    model, tok = base
+    a_subj, b_subj = (r.request.subject for r in tiny_testbed.dataset.records[:2])
+    a = make(model, tok, [a_subj, b_subj], scope="after_anchor", relation_keys=3)
+    a.add_facts(model, tok, [b_subj], [[f"{b_subj} lives in", f"It rained. {b_subj} lives in"]])
+    layer = a.layers["1"]
+    assert layer.key_owner.tolist() == [1, 1, -1]  # b_subj is anchor 1
+    ids, mask = batch(tok, [f"{b_subj} lives in", f"{a_subj} lives in"])
+    randomise(a)
+    with torch.no_grad():
+        layer.key_scale.fill_(20.0)
+        layer.key_bias.fill_(-10.0)
+    want = model(input_ids=ids, attention_mask=mask).logits
+    last = mask.sum(1) - 1
+    rho = layer.relation_gate[torch.arange(2), last]
+    assert rho[0] > 0.99 and rho[1] == 0  # the stored prompt itself; a subject with no key
+    a.save(tmp_path / "ad")
+    fresh = copy.deepcopy(tiny_testbed.model)
+    attach(fresh, tmp_path / "ad", strict=True)
+    assert torch.equal(fresh(input_ids=ids, attention_mask=mask).logits, want)
+
+
+def test_the_paper_form_has_only_the_papers_tensors_and_draws_the_same_init():
+    """relation_keys = 0 (the default, the paper's form) adds no tensor and leaves the initial draw as it was, so a
+    paper-form adapter trains exactly as before the relation gate existed."""
+    from memoe.adapters.moe import MoELayer
+
+    paper = MoELayer(16, MEMoEConfig(layers=[0], num_experts=3, rank=4))
+    gated = MoELayer(16, MEMoEConfig(layers=[0], num_experts=3, rank=4, relation_keys=5))
+    assert sorted(paper.state_dict()) == ["A", "B", "noise", "router"]
+    assert sorted(set(gated.state_dict()) - set(paper.state_dict())) == ["key_bias", "key_owner", "key_proj", "key_scale", "keys"]
+    assert all(torch.equal(paper.state_dict()[k], gated.state_dict()[k]) for k in paper.state_dict())

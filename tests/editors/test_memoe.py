@@ -80,3 +80,38 @@ def test_relation_scope_routes_the_subjects_other_relations_to_null_experts(tiny
         other_after = target_nll(model, tok, [other.prompt], [other.target]).item()
     assert new < true  # the edit holds
     assert other_after < other_before + 0.1  # the subject's other fact stays
+
+
+def test_relation_keys_open_on_the_edit_and_stay_shut_on_the_subjects_other_relations(tiny_testbed):
+    """The relation gate, trained with the subject's other relations as negatives: open at the edited prompt's last
+    token, shut on the same subject asked another question, whose answer stays; the edit holds."""
+    model = copy.deepcopy(tiny_testbed.model)
+    tok, recs = tiny_testbed.tokenizer, tiny_testbed.dataset.records[:8]
+    r, other = recs[0].request, recs[0].same_subject_prompts[0]
+    ids = torch.tensor([tok(other.prompt)["input_ids"] + tok(" " + other.target, add_special_tokens=False)["input_ids"]])
+    answer = slice(len(tok(other.prompt)["input_ids"]) - 1, ids.shape[1] - 1)  # the positions that predict the answer
+
+    def predicted():  # the other fact's answer, token by token (the same-subject recall's definition)
+        with torch.no_grad():
+            return model(input_ids=ids).logits[0, answer].argmax(-1).tolist()
+
+    before = predicted()
+    assert before == ids[0, answer.start + 1 :].tolist()  # the base knows it
+    cfg = {"adapter": {"layers": [0], "num_experts": 4, "rank": 16, "scope": "after_anchor", "expert_input": "anchor",
+                       "relation_keys": 64},
+           "train": {"lr": 0.02, "max_steps": 200, "kl_other_relations": 3}}
+    editor = make_editor("memoe", overrides=cfg)
+    editor.apply(model, tok, [x.request for x in recs])
+    layer = editor.adapter(model).layers["0"]
+    assert (layer.key_owner >= 0).sum() == 8 * (1 + len(editor.config.train.context_prefixes))  # a key per edit and prefix
+
+    def gate_at_last(text):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([tok(text)["input_ids"]]))
+        return layer.relation_gate[0, -1].item()
+
+    assert gate_at_last(r.text) > 0.9 and gate_at_last(other.prompt) < 0.1
+    with torch.no_grad():
+        new, true = target_nll(model, tok, [r.text, r.text], [r.target_new, r.target_true]).tolist()
+    assert new < true
+    assert predicted() == before

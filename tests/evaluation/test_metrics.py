@@ -180,9 +180,28 @@ def test_subject_probes_use_other_relations_of_the_run():
             record(request=EditRequest("{} was born in", "Cy", "Oslo", "Lima", 3, relation="P3")),
             record(request=EditRequest("{} resides in", "Dee", "Oslo", "Lima", 4, relation="P1")),
             record(request=EditRequest("{} x", "Eve", "a", "b", 5), same_subject_prompts=(LabeledPrompt("Eve q", "answer"),))]
+    prompts = lambda probes, k: tuple(p for p, _ in probes[k])
     probes = subject_probes(recs, per_record=2)
-    assert probes[1] == ("Ada works for", "Ada was born in") and probes[4] == ("Dee works for", "Dee was born in")
-    assert probes[2] == ("Bob lives in", "Bob was born in") and probes[5] == ("Eve q",)  # the world's own, where it has them
+    assert prompts(probes, 1) == ("Ada works for", "Ada was born in") and prompts(probes, 4) == ("Dee works for", "Dee was born in")
+    assert prompts(probes, 2) == ("Bob lives in", "Bob was born in")
+    assert probes[5] == (("Eve q", "answer"),)  # the world's own, with its answer, where it has them
+
+
+def test_subject_probes_leave_out_facts_the_run_also_edits():
+    from memoe.evaluation.metrics import subject_probes
+
+    # Ada's home and employer are both edited in the run: after it, each must give its new answer, so neither is a
+    # probe of the other's locality.
+    recs = [record(request=EditRequest("{} lives in", "Ada", "Paris", "Rome", 1, relation="P1")),
+            record(request=EditRequest("{} works for", "Ada", "IBM", "BBC", 2, relation="P2")),
+            record(request=EditRequest("{} was born in", "Cy", "Oslo", "Lima", 3, relation="P3")),
+            record(request=EditRequest("{} x", "Eve", "a", "b", 4),
+                   same_subject_prompts=(LabeledPrompt("Eve y", "c"), LabeledPrompt("Eve z", "d"))),
+            record(request=EditRequest("{} y", "Eve", "e", "c", 5))]
+    probes = subject_probes(recs, per_record=3)
+    assert [p for p, _ in probes[1]] == ["Ada was born in"] and [p for p, _ in probes[2]] == ["Ada was born in"]
+    assert [p for p, _ in probes[3]] == ["Cy lives in", "Cy works for"]
+    assert probes[4] == (("Eve z", "d"),)  # "Eve y" is record 5's request
 
 
 def test_shared_subject_batch_scores_only_edits_whose_subject_shares_their_batch():

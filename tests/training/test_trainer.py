@@ -179,3 +179,18 @@ def test_a_step_from_the_frozen_prefix_is_the_whole_rows_step(tiny_testbed, laye
     module.kl_ref = None  # the per-step KL references run the same way
     assert step()[0] == pytest.approx(whole, rel=1e-5)
     detach(model)
+
+
+def test_other_relation_rows_never_ask_a_fact_the_batch_also_edits_for_that_subject():
+    from memoe.data.records import EditRequest
+    from memoe.training.data import relation_templates
+
+    # Ada's home and employer are both edited: neither may be the other's "keep this" row.
+    reqs = [EditRequest("{} lives in", "Ada", "Paris", "Rome", 1, relation="P1"),
+            EditRequest("{} works for", "Ada", "IBM", "BBC", 2, relation="P2"),
+            EditRequest("{} was born in", "Cy", "Oslo", "Lima", 3, relation="P3"),
+            EditRequest("{} resides in", "Dee", "Oslo", "Lima", 4, relation="P1")]
+    import random
+
+    assert relation_templates(reqs, 0, 5, random.Random(0), same=False) == ["{} was born in"]
+    assert sorted(relation_templates(reqs, 2, 5, random.Random(0), same=False)) == ["{} lives in", "{} resides in", "{} works for"]
