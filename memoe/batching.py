@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memoe import nethook
 from memoe.errors import DataError
 
 
@@ -61,6 +62,19 @@ def warn_if_too_long(model: nn.Module, seqs: list[list[int]], what: str) -> None
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@torch.no_grad()
+def read_at(model: nn.Module, seqs: list[list[int]], positions: list[int], names: list[str], inputs: bool,
+            pad_id: int) -> dict[str, torch.Tensor]:
+    """For each named module, (N, D) its input (``inputs=True``) or output at ``positions[i]`` of row ``seqs[i]``, from
+    one right-padded pass of the base that stops once every named module has run."""
+    ids, mask = pad_batch(seqs, pad_id, model_device(model))
+    with nethook.capture(model, names, inputs=inputs, stop=True) as store:  # nothing above the modules runs
+        model.base_model(input_ids=ids, attention_mask=mask)
+    rows = torch.arange(len(seqs), device=ids.device)
+    pos = torch.tensor(positions, device=ids.device)
+    return {name: store[name][rows, pos] for name in names}
 
 
 _PROMPT_CONTEXT = "_memoe_prompt_context"  # model.__dict__ key: a function prompts -> prompts, or absent

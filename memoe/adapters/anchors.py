@@ -180,6 +180,7 @@ def anchor_positions(spans: list[list[tuple[int, int]]], length: int, device=Non
     end that follows it have none, until the next anchor."""
     pos = torch.full((len(spans), length), -1, dtype=torch.long)
     ids = torch.full((len(spans), length), -1, dtype=torch.long)
+    here = torch.arange(length)
     for b, row in enumerate(spans):
         row_owners = owners[b] if owners is not None else [-1] * len(row)
         for (_start, end), owner in sorted(zip(row, row_owners)):
@@ -188,7 +189,6 @@ def anchor_positions(spans: list[list[tuple[int, int]]], length: int, device=Non
                 ids[b, end - 1 :] = owner
         if ends is not None:
             for e in ends[b]:  # the tokens after a sentence end lose an anchor that ended before it
-                after = torch.arange(length) > e
-                cut = after & (pos[b] >= 0) & (pos[b] < e)
+                cut = (here > e) & (pos[b] >= 0) & (pos[b] < e)
                 pos[b, cut], ids[b, cut] = -1, -1
     return (pos.to(device), ids.to(device)) if device is not None else (pos, ids)

@@ -237,18 +237,20 @@ class BypassAdapter(nn.Module):
         ctx.mask = mask[:, -(start + T):].bool() if ctx.keep_history else mask[:, -T:].bool()
         if not self.uses_anchors:
             return None
+        need_rows = full is not None and (self._given is None or self.sentence_reach)
+        rows = full.tolist() if need_rows else None  # once: the trie and the sentence ends both read it
         if self._given is not None:
             spans, owners = self._given, self._given_ids
-        elif full is None:
+        elif rows is None:
             spans, owners = [[] for _ in range(B)], None  # embeddings only: nothing to match, the bypass stays off
         else:
             spans, owners = [], []
-            for row in full.tolist():
+            for row in rows:
                 found = {(s, e): o for s, e, o in self.trie.find_owned(row)}  # a detector's entity has no id
                 row_spans = sorted(set(found).union(*(d.find(row) for d in self.detectors)))
                 spans.append(row_spans)
                 owners.append([found.get(sp, -1) for sp in row_spans])
-        ends = [self.trie.sentence_ends(row) for row in full.tolist()] if self.sentence_reach and full is not None else None
+        ends = [self.trie.sentence_ends(row) for row in rows] if self.sentence_reach and rows is not None else None
         pos, ids = anchor_positions(spans, start + T, ref.device, owners, ends)
         ctx.anchor_pos, ctx.anchor_id = pos[:, start:], ids[:, start:]
         return None

@@ -42,11 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from memoe.adapters.bypass import BypassAdapter, BypassLayer, RoutingContext
-from memoe.batching import pad_batch
+from memoe.batching import read_at
 from memoe.config import bounds
 from memoe.errors import ConfigError
 from memoe.models.arch import model_parts
-from memoe.nethook import capture
 
 
 @dataclass
@@ -236,20 +235,16 @@ class MEMoEAdapter(BypassAdapter):
         if not self.config.relation_keys:
             return
         owners = [self.trie.owner(s) for s, ps in zip(subjects, prompts) for _ in ps]
-        texts = [p for ps in prompts for p in ps]
-        parts, device = model_parts(model), next(model.parameters()).device
-        states: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
-        names = {k: parts.name(self.target, int(k)) for k in self.layers}
+        seqs = [tok(p, add_special_tokens=True)["input_ids"] for ps in prompts for p in ps]
+        names = {k: model_parts(model).name(self.target, int(k)) for k in self.layers}
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        states: dict[str, list[torch.Tensor]] = {k: [] for k in self.layers}
         with self.disabled():  # the base's states (exact for the lowest adapted layer)
-            for i in range(0, len(texts), batch_size):
-                seqs = [tok(t, add_special_tokens=True)["input_ids"] for t in texts[i : i + batch_size]]
-                ids, mask = pad_batch(seqs, pad, device)
-                last = torch.tensor([len(q) - 1 for q in seqs], device=device)
-                with capture(model, list(names.values()), inputs=True) as got:
-                    model.base_model(input_ids=ids, attention_mask=mask)
+            for i in range(0, len(seqs), batch_size):
+                chunk = seqs[i : i + batch_size]
+                got = read_at(model, chunk, [len(q) - 1 for q in chunk], list(names.values()), True, pad)
                 for k, name in names.items():
-                    states[k].append(got[name][torch.arange(len(seqs), device=device), last].float())  # (b, H)
+                    states[k].append(got[name].float())  # (b, H)
         for k, layer in self.layers.items():
             layer.claim_keys(owners, torch.cat(states[k]))
 

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memoe import nethook
-from memoe.batching import encode_pairs, model_device, pad_batch, row_mean, target_index, token_nll, warn_if_too_long
+from memoe.batching import encode_pairs, model_device, pad_batch, read_at, row_mean, target_index, token_nll, warn_if_too_long
 from memoe.config import bounds
 from memoe.contexts import ContextOptions, prefixed
 from memoe.data.records import EditRequest
@@ -102,10 +101,8 @@ def fact_rows(tok, requests: list[EditRequest], prefixes: list[str], fact_token:
 def read_at_facts(model, tok, requests, prefixes, fact_token, module: str, inputs: bool) -> torch.Tensor:
     """(N, D) a module's input (``inputs=True``) or output at the fact token, averaged over prefixes."""
     texts, positions, owner = fact_rows(tok, requests, prefixes, fact_token)
-    ids, mask = pad_batch(tok(texts, add_special_tokens=True)["input_ids"], tok.pad_token_id, model_device(model))
-    with nethook.capture(model, [module], inputs=inputs, stop=True) as store:  # nothing above the module runs
-        model.base_model(input_ids=ids, attention_mask=mask)
-    vals = store[module][torch.arange(len(texts)), positions].double()  # (rows, D)
+    seqs = tok(texts, add_special_tokens=True)["input_ids"]
+    vals = read_at(model, seqs, positions, [module], inputs, tok.pad_token_id)[module].double()  # (rows, D)
     own = torch.tensor(owner, device=vals.device)
     sums = torch.zeros(len(requests), vals.shape[1], dtype=vals.dtype, device=vals.device).index_add(0, own, vals)
     return sums / torch.bincount(own, minlength=len(requests))[:, None]
