@@ -14,7 +14,8 @@ On the first run the model is converted from its GGUF file (a testbed: pretraine
 and cached under ``.cache/memoe``, as are MEMIT's covariance statistics. The adapter folder holds
 ``adapter_config.json`` + ``adapter_model.safetensors``: attach it to any loaded base with ``memoe.attach(model,
 path)``. The table compares the base, the adapter (gate on and off) and the ``--compare`` editors (teacher-forced
-CounterFact metrics; evaluate.py gives the full protocol).
+CounterFact metrics and the stress set: CounterFact+, prefixed efficacy, same-subject agreement; evaluate.py gives the
+full protocol).
 Every option is documented in docs/cli.md.
 """
 
@@ -37,7 +38,7 @@ from memoe.data import load_edit_dataset
 from memoe.editors import attach, make_editor
 from memoe.errors import ConfigError
 from memoe.evaluation.generation import greedy_answers
-from memoe.evaluation.metrics import MetricsTable, compute_metrics, raw_scores
+from memoe.evaluation.metrics import MetricsTable, ScoreOptions, compute_metrics, raw_scores
 from memoe.experiment import EditTarget, Job, load_subject
 from memoe.io import write_json
 from memoe.models import load_model
@@ -96,7 +97,8 @@ def run(argv: list[str] | None = None) -> int:
     if rank0:
         print(f"{len(records)} edits from {ds.name} ({ds.source}) on {job.edits.model or 'the testbed'}; scoring the "
               "unedited model ...", flush=True)
-    pre = raw_scores(model, tok, records) if rank0 else None
+    scoring = ScoreOptions(fluency_prompts=0, generation=False, stress=True, perplexity_texts=0)  # + same-subject, CF+
+    pre = raw_scores(model, tok, records, scoring) if rank0 else None
 
     info = editor.apply(model, tok, [r.request for r in records]).info
     if not info["global_zero"]:
@@ -114,7 +116,7 @@ def run(argv: list[str] | None = None) -> int:
     gate = adapter.config.gate_unanchored
     for on in (True, False):
         adapter.config.gate_unanchored = on
-        runs[f"gate {'on' if on else 'off'}"] = m = compute_metrics(raw_scores(fresh, tok, records), pre)
+        runs[f"gate {'on' if on else 'off'}"] = m = compute_metrics(raw_scores(fresh, tok, records, scoring), pre)
         table.add(f"memoe, gate {'on' if on else 'off'}", m)
     adapter.config.gate_unanchored = gate
     adapter.detach()
@@ -122,7 +124,7 @@ def run(argv: list[str] | None = None) -> int:
     for other in comparisons:
         print(f"{other.name} on the same {len(records)} edits (one batch) ...", flush=True)
         result = other.apply(fresh, tok, [r.request for r in records])
-        compared[other.name] = m = {**compute_metrics(raw_scores(fresh, tok, records), pre), "seconds": round(result.seconds, 2),
+        compared[other.name] = m = {**compute_metrics(raw_scores(fresh, tok, records, scoring), pre), "seconds": round(result.seconds, 2),
                                     "time_split": result.info.get("time_split")}
         result.restore()
         table.add(f"{other.name} (one batch, {result.seconds:.0f} s)", m)

@@ -31,6 +31,16 @@ a token is scaled by
 so it opens where the token asks of its entity what an edit asked. P (shared by every edit: it learns which
 directions tell questions apart), τ and b are trained by the edit rows (open at the answer positions) against the
 KL rows, the subject's other relations (shut); the keys themselves are stored, not trained.
+
+With ``relation_negatives`` each edit also stores keys of its subject under *other* relations (the batch's own
+templates), and the gate is a nearest-neighbour decision as well as a threshold:
+
+    ρ_t = σ(τ · c⁺_t + b_j) · σ(τ⁻ · (c⁺_t − c⁻_t))      c± = max cos(P x_t, P k) over the anchor's ± keys
+
+A question close to the edit's ("X passed away at" beside "X was employed in": both ask for a place) passes the
+threshold, but sits closer to a stored question of its own relation than to the edit's. ``relation_templates`` stores
+the batch's other wordings of the edit's question as keys too, and ``relation_gate_cut`` shuts a half-open gate: a
+bypass strong enough to flip a fact flips the answer of a question it opens to only 0.2.
 """
 
 from __future__ import annotations
@@ -90,6 +100,17 @@ class MEMoEConfig:
     hard_relation_gate: bool = False
     """Use the relation gate as a switch, 1 where ρ > 0.5 and 0 elsewhere (gradients pass through ρ, straight-through),
     so a token it shuts gets exactly the base output rather than a small share of the edit."""
+    relation_negatives: int = field(default=0, metadata=bounds(0))
+    """Per edit, up to this many prompts of its subject under other relations (templates of the batch's other
+    requests, sampled with the seed) stored as the subject's negative keys (ours; 0 = none): the gate then also asks
+    that the token be closer to one of the edit's keys than to any of them (module docstring). They share the
+    ``relation_keys`` slots."""
+    relation_templates: int = field(default=0, metadata=bounds(0))
+    """Per edit, up to this many of the batch's other templates of the edit's relation, filled with its subject,
+    stored as further keys of the edit (ours; 0 = its prompt alone): a paraphrase then finds a key worded as it is."""
+    relation_gate_cut: float = field(default=0.0, metadata=bounds(0.0, 1.0))
+    """ρ below this counts as 0, in training and inference (ours; 0 = none): a bypass trained to flip a fact
+    flips the answers of questions it only half opens for, so the gate must choose. The gate loss still sees ρ."""
     relation_key_rank: int = field(default=64, metadata=bounds(1))
     """Rows of P, the learned projection the relation gate compares states in."""
     anchor_reach: str = field(default="text", metadata=bounds(choices=("text", "sentence")))
@@ -126,6 +147,9 @@ class MoELayer(BypassLayer):
             self.key_proj = nn.Parameter(torch.randn(min(cfg.relation_key_rank, hidden), hidden, generator=gen) * cfg.init_std)
             self.key_scale = nn.Parameter(torch.tensor(20.0))  # τ: at start ρ = 0.5 at cosine 0.5, 1.0 at a stored key
             self.key_bias = nn.Parameter(torch.full((K,), -10.0))  # b_j
+            if cfg.relation_negatives:  # slots holding another relation's question of their anchor
+                self.register_buffer("key_negative", torch.zeros(K, dtype=torch.bool))
+                self.negative_scale = nn.Parameter(torch.tensor(20.0))  # τ⁻
         self.relation_gate: torch.Tensor | None = None  # (B, T) ρ of the last forward (with gradients in training)
         self.aux_loss: torch.Tensor | None = None  # load-balancing loss of the last training forward
         self.last_gates: torch.Tensor | None = None  # (B, T, E) gate weights of the last forward (zeros off top-k)
@@ -145,9 +169,11 @@ class MoELayer(BypassLayer):
     def seed_noise(self, generator: torch.Generator) -> None:
         self.noise_generator = generator
 
-    def claim_keys(self, owners: list[int], states: torch.Tensor) -> None:
+    def claim_keys(self, owners: list[int], states: torch.Tensor, negative: bool = False) -> None:
         """Store the keys of edited facts: ``states`` (n, H), the layer inputs at their prompts' last tokens, of the
-        entities ``owners`` (n anchor ids)."""
+        entities ``owners`` (n anchor ids); with ``negative``, questions of those entities that no edit asks."""
+        if negative and not self.cfg.relation_negatives:
+            raise ConfigError("negative keys need adapter.relation_negatives > 0")
         free = (self.key_owner < 0).nonzero().flatten()
         if len(owners) > len(free):
             raise ConfigError(f"relation_keys={self.cfg.relation_keys}: {len(free)} free slots, {len(owners)} new keys "
@@ -155,15 +181,25 @@ class MoELayer(BypassLayer):
         slots = free[: len(owners)]
         self.key_owner[slots] = torch.tensor(owners, dtype=torch.long, device=self.key_owner.device)
         self.keys[slots] = states.to(self.keys)
+        if self.cfg.relation_negatives:
+            self.key_negative[slots] = negative
 
     def relation_gates(self, x: torch.Tensor, anchor_id: torch.Tensor) -> torch.Tensor:
         """(B, T) ρ: how much each token asks for an edited fact of its anchor (0 where the anchor has no key)."""
         q = F.normalize(x @ self.key_proj.T, dim=-1)  # (B, T, r)
         k = F.normalize(self.keys @ self.key_proj.T, dim=-1)  # (K, r)
-        scores = self.key_scale * (q @ k.T) + self.key_bias  # (B, T, K)
+        cos = q @ k.T  # (B, T, K)
         mine = (self.key_owner >= 0) & (self.key_owner == anchor_id[..., None])  # (B, T, K)
-        best = scores.masked_fill(~mine, float("-inf")).amax(-1)  # (B, T); -inf where no key is the anchor's
-        return torch.sigmoid(best)
+        if self.cfg.relation_negatives:
+            neg = mine & self.key_negative
+            mine = mine & ~self.key_negative
+        best = (self.key_scale * cos + self.key_bias).masked_fill(~mine, float("-inf")).amax(-1)  # (B, T); -inf: no key
+        rho = torch.sigmoid(best)
+        if self.cfg.relation_negatives:  # closer to the edit's question than to the entity's other ones
+            c_pos = cos.masked_fill(~mine, -2.0).amax(-1)  # (B, T)
+            c_neg = cos.masked_fill(~neg, -2.0).amax(-1)  # (B, T); -2 (below any cosine) where none is stored
+            rho = rho * torch.sigmoid(self.negative_scale * (c_pos - c_neg))
+        return rho
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         xf = x.float()
@@ -180,6 +216,8 @@ class MoELayer(BypassLayer):
             self.relation_gate = rho = self.relation_gates(xf, ctx.anchor_id) * mask.to(xf.dtype)  # (B, T)
             if self.cfg.hard_relation_gate:  # 0 or 1 forward, ρ's gradient backward
                 rho = (rho > 0.5).to(rho.dtype) + rho - rho.detach()
+            elif self.cfg.relation_gate_cut:  # a half-open gate is a shut one
+                rho = rho * (rho >= self.cfg.relation_gate_cut).to(rho.dtype)
             g = g * rho[..., None]
         src = xf if self.cfg.expert_input == "token" else a  # (B, T, H)
         if self.cfg.rank is None:
@@ -229,10 +267,12 @@ class MEMoEAdapter(BypassAdapter):
         return torch.stack(losses).mean()
 
     @torch.no_grad()
-    def add_facts(self, model, tok, subjects: list[str], prompts: list[list[str]], batch_size: int = 64) -> None:
+    def add_facts(self, model, tok, subjects: list[str], prompts: list[list[str]], batch_size: int = 64,
+                  negative: bool = False) -> None:
         """Store the relation gate's keys of edited facts (no-op without the gate): for each subject (already an
-        anchor) the base's layer inputs at the last token of each of its ``prompts`` (filled-in texts)."""
-        if not self.config.relation_keys:
+        anchor) the base's layer inputs at the last token of each of its ``prompts`` (filled-in texts); with
+        ``negative``, prompts of the subject's facts that are *not* edited (``relation_negatives``)."""
+        if not self.config.relation_keys or not any(prompts):
             return
         owners = [self.trie.owner(s) for s, ps in zip(subjects, prompts) for _ in ps]
         seqs = [tok(p, add_special_tokens=True)["input_ids"] for ps in prompts for p in ps]
@@ -246,7 +286,7 @@ class MEMoEAdapter(BypassAdapter):
                 for k, name in names.items():
                     states[k].append(got[name].float())  # (b, H)
         for k, layer in self.layers.items():
-            layer.claim_keys(owners, torch.cat(states[k]))
+            layer.claim_keys(owners, torch.cat(states[k]), negative)
 
     def untouched_before(self, span: tuple[int, int]) -> int:
         # Gated off before the anchor's last token, whose input the router and experts read in every scope.

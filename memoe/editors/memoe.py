@@ -12,6 +12,7 @@ edit created: the base model is never touched.
 from __future__ import annotations
 
 import copy
+import random
 import weakref
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from memoe.data.records import EditRequest
 from memoe.editors.base import EditorConfig
 from memoe.editors.bypass import BypassEditor
 from memoe.training import TrainConfig, TrainerOptions, fit_adapter
+from memoe.training.data import relation_templates
 
 
 @dataclass
@@ -67,10 +69,24 @@ class MEMoEEditor(BypassEditor):
         adapter.add_anchors(tok, [r.subject for r in requests])
         with adapter.disabled():  # prefixes are the base model's text
             train = self.prefixes.apply(model, tok, cfg.train)
-        adapter.add_facts(model, tok, [r.subject for r in requests],
-                          [[t.replace("{}", r.subject) for t in prefixed(r.prompt, train.context_prefixes)] for r in requests])
+        self.add_keys(model, tok, adapter, requests, train)
         info = fit_adapter(model, tok, adapter, requests + replay[-cfg.replay :] if cfg.replay else requests, train, cfg.trainer)
         info.pop("trainer")
         info["time_split"] = {"training": round(info["seconds"], 3)}
         replay[:] = (replay + requests)[-cfg.replay :] if cfg.replay else []
         return info
+
+    def add_keys(self, model, tok, adapter: MEMoEAdapter, requests: list[EditRequest], train: TrainConfig) -> None:
+        """The relation gate's keys of ``requests`` (none without the gate): each prompt under the context prefixes
+        and up to ``relation_templates`` other templates of its relation; then up to ``relation_negatives`` of its
+        subject's other questions as negative keys. Templates are the batch's own, sampled with the seed."""
+        a = self.config.adapter
+        rng = random.Random(train.seed)
+        fill = lambda templates, r: [t.replace("{}", r.subject) for t in templates]  # noqa: E731
+        subjects = [r.subject for r in requests]
+        adapter.add_facts(model, tok, subjects, [
+            fill(prefixed(r.prompt, train.context_prefixes) + relation_templates(requests, i, a.relation_templates, rng, same=True), r)
+            for i, r in enumerate(requests)])
+        adapter.add_facts(model, tok, subjects, [
+            fill(relation_templates(requests, i, a.relation_negatives, rng, same=False), r) for i, r in enumerate(requests)],
+            negative=True)

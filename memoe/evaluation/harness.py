@@ -23,7 +23,17 @@ from tqdm.auto import tqdm
 from memoe.data.records import EditRecord
 from memoe.editors.base import Editor, EditResult
 from memoe.errors import ConfigError, DataError
-from memoe.evaluation.metrics import RawScores, ScoreOptions, compute_metrics, concat, raw_scores, shared_subject_batch, subject_probes, subset
+from memoe.evaluation.metrics import (
+    RawScores,
+    ScoreOptions,
+    compute_metrics,
+    concat,
+    edited_neighbours,
+    raw_scores,
+    shared_subject_batch,
+    subject_probes,
+    subset,
+)
 
 
 @dataclass(frozen=True)
@@ -171,7 +181,8 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
     if not restores and not editor.supports_sequential:
         raise ConfigError(f"editor {editor.name!r} does not support the {mode!r} mode")
     probes = subject_probes(records)  # the subject under other relations, from the whole run's templates
-    sc = lambda recs: raw_scores(model, tok, recs, score, probes)
+    skip = edited_neighbours(records)  # neighbours that the run itself edits
+    sc = lambda recs: raw_scores(model, tok, recs, score, probes, skip)
     # the metrics of the first n records; the batch-level stress set needs the batches, beside the per-record metrics
     metrics = lambda rs, n: {**compute_metrics(rs, subset(pre, list(range(n)))),
                              "shared_subject_batch": shared_subject_batch(rs, records[:n], [c for c in chunks if c.stop <= n])}
@@ -234,7 +245,7 @@ def run_mode(editor: Editor, model, tok, records: list[EditRecord], mode: str, b
 
 def pre_scores(model, tok, records: list[EditRecord], score: ScoreOptions | None = None) -> RawScores:
     """The unedited model's raw scores (compute once, share across editors and modes)."""
-    return raw_scores(model, tok, records, score or ScoreOptions(), subject_probes(records))
+    return raw_scores(model, tok, records, score or ScoreOptions(), subject_probes(records), edited_neighbours(records))
 
 
 __all__ = ["MODES", "Mode", "PeakMemory", "get_mode", "RunResult", "ScoreOptions", "batches_for", "pre_scores", "run_mode", "subset"]

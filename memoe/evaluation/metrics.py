@@ -10,6 +10,8 @@ CounterFact (ROME, Meng et al. 2022; MEMIT):
 - Neighbourhood Score ``cf_neighbourhood``: mean over edits of the mean over neighbourhood prompts of
   [P(true) > P(new)]; ``cf_neighbourhood_mag``: P(true) - P(new).
 - Score ``cf_score``: harmonic mean of the three scores.
+A neighbourhood prompt that asks about a fact the run itself edits (another edited subject, same relation) is no
+neighbour: after a batch its answer *should* change. Every neighbourhood score leaves it out (:func:`edited_neighbours`).
 zsRE (MEND, MEMIT): token-level top-1 accuracy of the new answer on the request (``zsre_efficacy``) and on
 the rephrase (``zsre_paraphrase``), and of the locality answer on the locality question (``zsre_specificity``).
 EasyEdit (Yao et al. 2023): ``reliability`` / ``generality``: token accuracy of the new target on the request
@@ -172,11 +174,27 @@ def _joined(groups: list[PairScores]) -> PairScores:
     return PairScores(*[[x for g in groups for x in getattr(g, f)] for f in ("nll", "token_acc", "argmax", "first_prob")])
 
 
-def locality_pairs(rec: EditRecord) -> list[tuple[str, str]]:
-    """The prompts EasyEdit's locality is measured on: locality prompts, else neighbours with the old target."""
+def locality_pairs(rec: EditRecord, skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """The prompts EasyEdit's locality is measured on: locality prompts, else neighbours (but ``skip``) with the old
+    target."""
     if rec.locality_prompts:
         return [(p.prompt, p.target) for p in rec.locality_prompts]
-    return [(p, rec.request.target_true) for p in rec.neighborhood_prompts if rec.request.target_true]
+    return [(p, rec.request.target_true) for p in rec.neighborhood_prompts if rec.request.target_true and p not in skip]
+
+
+def edited_neighbours(records: list[EditRecord]) -> frozenset[str]:
+    """The neighbourhood prompts of ``records`` (the whole run) that ask about a fact the run itself edits: they name
+    the subject of a record with the same relation. After the run their answer *should* change, so every
+    neighbourhood score leaves them out, as :func:`subject_probes` leaves out edited facts."""
+    subjects: dict[str, set[str]] = {}
+    for r in records:
+        if r.request.relation:
+            subjects.setdefault(r.request.relation, set()).add(r.request.subject)
+    # one pattern per relation, longest names first, matched as whole words
+    patterns = {rel: re.compile(r"(?<!\w)(?:" + "|".join(re.escape(x) for x in sorted(subs, key=len, reverse=True)) + r")(?!\w)")
+                for rel, subs in subjects.items()}
+    return frozenset(p for r in records if r.request.relation for p in r.neighborhood_prompts
+                     if patterns[r.request.relation].search(p))
 
 
 def subject_probes(records: list[EditRecord], per_record: int = 3) -> dict:
@@ -209,25 +227,28 @@ def _split(flat: list, groups: list[list]) -> list[list]:
     return out
 
 
-def raw_scores(model, tok, records: list[EditRecord], opts: ScoreOptions | None = None, probes: dict | None = None) -> RawScores:
+def raw_scores(model, tok, records: list[EditRecord], opts: ScoreOptions | None = None, probes: dict | None = None,
+               skip_neighbours: frozenset[str] | None = None) -> RawScores:
     """Score every prompt of ``records`` against both targets, in batches; with ``opts`` also generate, stress and
-    measure perplexity (default: teacher-forced scores only). ``probes``: :func:`subject_probes` of the whole run
-    (default: of ``records``)."""
+    measure perplexity (default: teacher-forced scores only). ``probes``: :func:`subject_probes` of the whole run,
+    ``skip_neighbours``: its :func:`edited_neighbours` (default: both of ``records``)."""
     opts = opts or ScoreOptions(fluency_prompts=0, generation=False, stress=False, perplexity_texts=0)
     bs = opts.batch_size
     t0 = time.perf_counter()
     new = lambda r, ps: [(p, r.request.target_new) for p in ps]
     true = lambda r, ps: [(p, r.request.target_true or r.request.target_new) for p in ps]
     probes = probes if probes is not None else subject_probes(records)
+    skip = skip_neighbours if skip_neighbours is not None else edited_neighbours(records)
+    neighbours = [[p for p in r.neighborhood_prompts if p not in skip] for r in records]
     probe_prompts = [[p for p, _ in probes.get(r.case_id, ())] for r in records]
     kinds = {"request_new": [new(r, [r.request.text]) for r in records], "request_true": [true(r, [r.request.text]) for r in records],
              "para_new": [new(r, r.paraphrase_prompts) for r in records], "para_true": [true(r, r.paraphrase_prompts) for r in records],
-             "neigh_new": [new(r, r.neighborhood_prompts) for r in records],
-             "neigh_true": [true(r, r.neighborhood_prompts) for r in records],
-             "loc": [locality_pairs(r) for r in records],
+             "neigh_new": [new(r, ps) for r, ps in zip(records, neighbours)],
+             "neigh_true": [true(r, ps) for r, ps in zip(records, neighbours)],
+             "loc": [locality_pairs(r, skip) for r in records],
              "same": [[(p, t) for p, t in probes.get(r.case_id, ()) if t is not None] for r in records]}
     if opts.stress:
-        plus = [[f"{r.request.text} {r.request.target_new}. {p}" for p in r.neighborhood_prompts] for r in records]
+        plus = [[f"{r.request.text} {r.request.target_new}. {p}" for p in ps] for r, ps in zip(records, neighbours)]
         prefixed = [[f"{PREFIX} {r.request.text}"] for r in records]
         kinds.update(plus_new=[new(r, ps) for r, ps in zip(records, plus)], plus_true=[true(r, ps) for r, ps in zip(records, plus)],
                      prefixed_new=[new(r, ps) for r, ps in zip(records, prefixed)],
@@ -241,7 +262,7 @@ def raw_scores(model, tok, records: list[EditRecord], opts: ScoreOptions | None 
         len(g.nll) for gs in (rs.para_new, rs.para_true, rs.neigh_new, rs.neigh_true, rs.loc, rs.same) for g in gs)
     if opts.generation:
         gen_kinds = {"request": [[r.request.text] for r in records], "para": [list(r.paraphrase_prompts) for r in records],
-                     "neigh": [list(r.neighborhood_prompts) for r in records],
+                     "neigh": neighbours,
                      "loc": [[p.prompt for p in r.locality_prompts] for r in records], "probe": probe_prompts}
         flat = [p for groups in gen_kinds.values() for g in groups for p in g]
         gen = greedy_answers(model, tok, flat, opts.gen_max_new_tokens, bs)

@@ -327,6 +327,66 @@ def test_relation_gate_opens_only_where_the_token_asks_the_stored_question():
         layer.claim_keys([5, 6, 7], torch.zeros(3, H))
 
 
+def test_negative_keys_shut_the_gate_on_a_question_closer_to_another_relation_of_the_anchor():
+    """Hand-built: anchor 0's edit asked e0; its question e1 is stored as a negative. A token between the two, nearer
+    e0, passes; the same token nearer e1 is shut, although it passes the threshold alone; anchor 1, with no
+    negatives, keeps the threshold gate; and a negative key needs the option."""
+    from memoe.adapters.bypass import RoutingContext
+    from memoe.adapters.moe import MoELayer
+
+    H = 8
+    layer = MoELayer(H, MEMoEConfig(layers=[0], num_experts=2, top_k=1, rank=2, relation_keys=4, relation_key_rank=H,
+                                    relation_negatives=1, scope="after_anchor")).eval()
+    with torch.no_grad():
+        layer.key_proj.copy_(torch.eye(H))
+        layer.key_bias.fill_(-5.0)  # open from cosine 0.25 + a margin
+    eye = torch.eye(H)
+    layer.claim_keys([0, 1], torch.stack([eye[0], eye[0]]))
+    layer.claim_keys([0], eye[1][None], negative=True)
+    assert layer.key_negative.tolist() == [False, False, True, False]
+    near_e0, near_e1 = eye[0] + 0.6 * eye[1], 0.7 * eye[0] + eye[1]  # both well past e0's threshold (cosine 0.86, 0.57)
+    x = torch.stack([near_e0, near_e1, near_e1])[None]  # (1, 3, H)
+    ctx = RoutingContext()
+    ctx.anchor_pos = torch.zeros(1, 3, dtype=torch.long)
+    ctx.anchor_id = torch.tensor([[0, 0, 1]])
+    ctx.mask = torch.ones(1, 3, dtype=torch.bool)
+    layer(x, torch.zeros(1, 3, H), ctx)
+    rho = layer.relation_gate[0]
+    assert rho[0] > 0.95  # nearer the edit's question
+    assert rho[1] < 0.05  # nearer the anchor's other, stored question
+    assert rho[2] > 0.95  # the same state, for an anchor with no negatives: the threshold alone
+    with pytest.raises(Exception, match="relation_negatives"):
+        MoELayer(H, MEMoEConfig(layers=[0], relation_keys=2)).claim_keys([0], eye[0][None], negative=True)
+
+
+def test_a_gate_below_the_cut_is_shut_exactly():
+    """relation_gate_cut: a token whose ρ is under the cut gets exactly the base output; one above keeps its ρ."""
+    from memoe.adapters.bypass import RoutingContext
+    from memoe.adapters.moe import MoELayer
+
+    H = 8
+    layer = MoELayer(H, MEMoEConfig(layers=[0], num_experts=2, top_k=1, rank=2, relation_keys=2, relation_key_rank=H,
+                                    relation_gate_cut=0.5, scope="after_anchor")).eval()
+    with torch.no_grad():
+        layer.key_proj.copy_(torch.eye(H))
+        layer.B.fill_(0.5)
+    eye = torch.eye(H)
+    layer.claim_keys([0], eye[0][None])
+    x = torch.stack([eye[0], eye[0] + 1.2 * eye[1]])[None]  # cosines 1.0 (ρ ≈ 1) and 0.64 (ρ ≈ 0.94)
+    ctx = RoutingContext()
+    ctx.anchor_pos = torch.zeros(1, 2, dtype=torch.long)
+    ctx.anchor_id = torch.zeros(1, 2, dtype=torch.long)
+    ctx.mask = torch.ones(1, 2, dtype=torch.bool)
+    out = torch.zeros(1, 2, H)
+    open_ = layer(x, out, ctx)
+    with torch.no_grad():
+        layer.key_bias.fill_(-13.0)  # now ρ ≈ 0.5 at cosine 0.64 minus a little: under the cut
+    cut = layer(x, out, ctx)
+    assert layer.relation_gate[0, 1] < 0.5
+    assert torch.equal(cut[0, 1], out[0, 1]) and open_[0, 1].abs().sum() > 0
+    assert torch.allclose(cut[0, 0], open_[0, 0], rtol=1e-2)  # open: only ρ's own small change
+
+
 def test_relation_keys_are_stored_from_the_base_and_saved_with_their_anchor_ids(base, tiny_testbed, tmp_path):
     model, tok = base
     a_subj, b_subj = (r.request.subject for r in tiny_testbed.dataset.records[:2])

@@ -3,7 +3,7 @@ import copy
 import torch
 
 from memoe.adapters import attached
-from memoe.batching import target_nll
+from memoe.batching import read_at, target_nll
 from memoe.editors import make_editor
 from memoe.evaluation.harness import run_mode
 
@@ -115,3 +115,34 @@ def test_relation_keys_open_on_the_edit_and_stay_shut_on_the_subjects_other_rela
         new, true = target_nll(model, tok, [r.text, r.text], [r.target_new, r.target_true]).tolist()
     assert new < true
     assert predicted() == before
+
+
+def test_the_gate_keys_of_an_edit_are_its_prompts_its_relations_templates_and_its_subjects_other_questions(tiny_testbed):
+    """relation_templates and relation_negatives: each edit's positive keys are its prompt under every context prefix
+    plus the batch's other templates of its relation; its negatives are its subject under other relations, each the
+    base's state at the prompt's last token, owned by the subject's anchor."""
+    model = copy.deepcopy(tiny_testbed.model)
+    tok, recs = tiny_testbed.tokenizer, tiny_testbed.dataset.records[:8]
+    requests = [x.request for x in recs]
+    cfg = {"adapter": {"layers": [0], "num_experts": 2, "rank": 4, "scope": "after_anchor", "relation_keys": 128,
+                       "relation_templates": 2, "relation_negatives": 3},
+           "train": {"max_steps": 1}}
+    editor = make_editor("memoe", overrides=cfg)
+    editor.apply(model, tok, requests)
+    adapter = editor.adapter(model)
+    layer = adapter.layers["0"]
+    used, negative = layer.key_owner >= 0, layer.key_negative
+    prefixes = 1 + len(editor.config.train.context_prefixes)
+    for r in requests:
+        mine = used & (layer.key_owner == adapter.trie.owner(r.subject))
+        same = {x.prompt for x in requests if x.relation == r.relation and x.prompt != r.prompt}
+        other = {x.prompt for x in requests if x.relation != r.relation}
+        assert (mine & ~negative).sum() == prefixes + min(2, len(same))
+        assert (mine & negative).sum() == min(3, len(other))
+    r = requests[0]  # a negative key is the base's state at the last token of the subject asked another question
+    other_prompts = sorted({x.prompt for x in requests if x.relation != r.relation})
+    with adapter.disabled(), torch.no_grad():
+        states = [read_at(model, [tok(t.replace("{}", r.subject))["input_ids"]], [len(tok(t.replace("{}", r.subject))["input_ids"]) - 1],
+                          ["model.layers.0.mlp"], True, 0)["model.layers.0.mlp"][0] for t in other_prompts]
+    negs = layer.keys[used & negative & (layer.key_owner == adapter.trie.owner(r.subject))]
+    assert all(any(torch.allclose(k, s, atol=1e-5) for s in states) for k in negs)

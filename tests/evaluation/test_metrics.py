@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from memoe.data import EditRecord, EditRequest, LabeledPrompt
-from memoe.evaluation.metrics import compute_metrics, harmonic_mean, ngram_entropy, raw_scores
+from memoe.evaluation.metrics import ScoreOptions, compute_metrics, harmonic_mean, ngram_entropy, raw_scores
 from memoe.evaluation.scoring import score_pairs
 
 from .fakes import BigramLM, word_tokenizer
@@ -221,3 +221,24 @@ def test_table_cells_show_three_decimals_and_huge_values_in_scientific_notation(
     from memoe.evaluation.metrics import fmt_metric
 
     assert (fmt_metric(None), fmt_metric(0.5), fmt_metric(-0.0625), fmt_metric(7.1e43)) == ("–", "0.500", "-0.062", "7.10e+43")
+
+
+def test_neighbours_that_the_run_edits_are_left_out_of_every_neighbourhood_score(lm):
+    from memoe.evaluation.metrics import edited_neighbours
+
+    # Bob is Ada's neighbour (same relation) and is edited in the same run: after it "Bob home" must give Bob's new
+    # answer, so it is no neighbour of Ada's edit. "New home" names no edited subject; x's edit is of another relation.
+    recs = [record(request=EditRequest("{} home", "Ada", "Paris", "Rome", 1, relation="P1"),
+                   neighborhood_prompts=("Bob home", "New home", "x home")),
+            record(request=EditRequest("{} house", "Bob", "Paris", "Rome", 2, relation="P1"), neighborhood_prompts=("Ada house",)),
+            record(request=EditRequest("{} dwelling", "x", "Paris", "Rome", 3, relation="P2"), neighborhood_prompts=())]
+    assert edited_neighbours(recs) == {"Bob home", "Ada house"}
+    m, tok = lm
+    rs = raw_scores(m, tok, recs, ScoreOptions(fluency_prompts=0, generation=False, perplexity_texts=0, stress=True))
+    assert [len(g.nll) for g in rs.neigh_new] == [2, 0, 0] and [len(g.nll) for g in rs.loc] == [2, 0, 0]
+    assert [len(g.nll) for g in rs.plus_new] == [2, 0, 0]
+    alone = raw_scores(m, tok, recs[:1], ScoreOptions(fluency_prompts=0, generation=False, perplexity_texts=0, stress=False))
+    assert len(alone.neigh_new[0].nll) == 3  # alone, Ada's edit has all three neighbours
+    # whole names only: "Bobby" is not Bob
+    assert edited_neighbours([record(request=EditRequest("{} home", "Ada", "a", "b", 1, relation="P1"), neighborhood_prompts=("Bobby home",)),
+                              record(request=EditRequest("{} home", "Bob", "a", "b", 2, relation="P1"), neighborhood_prompts=())]) == frozenset()
