@@ -174,18 +174,19 @@ def _joined(groups: list[PairScores]) -> PairScores:
     return PairScores(*[[x for g in groups for x in getattr(g, f)] for f in ("nll", "token_acc", "argmax", "first_prob")])
 
 
-def locality_pairs(rec: EditRecord, skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
-    """The prompts EasyEdit's locality is measured on: locality prompts, else neighbours (but ``skip``) with the old
-    target."""
+def locality_pairs(rec: EditRecord, skip: frozenset = frozenset()) -> list[tuple[str, str]]:
+    """The prompts EasyEdit's locality is measured on: locality prompts, else neighbours (but those in ``skip``, see
+    :func:`edited_neighbours`) with the old target."""
     if rec.locality_prompts:
         return [(p.prompt, p.target) for p in rec.locality_prompts]
-    return [(p, rec.request.target_true) for p in rec.neighborhood_prompts if rec.request.target_true and p not in skip]
+    return [(p, rec.request.target_true) for p in rec.neighborhood_prompts
+            if rec.request.target_true and (rec.case_id, p) not in skip]
 
 
-def edited_neighbours(records: list[EditRecord]) -> frozenset[str]:
-    """The neighbourhood prompts of ``records`` (the whole run) that ask about a fact the run itself edits: they name
-    the subject of a record with the same relation. After the run their answer *should* change, so every
-    neighbourhood score leaves them out, as :func:`subject_probes` leaves out edited facts."""
+def edited_neighbours(records: list[EditRecord]) -> frozenset[tuple[object, str]]:
+    """(case id, prompt) of each neighbourhood prompt of ``records`` (the whole run) that asks about a fact the run
+    itself edits: it names *another* subject the run edits under the record's relation. After the run its answer
+    *should* change, so every neighbourhood score leaves it out, as :func:`subject_probes` leaves out edited facts."""
     subjects: dict[str, set[str]] = {}
     for r in records:
         if r.request.relation:
@@ -193,8 +194,8 @@ def edited_neighbours(records: list[EditRecord]) -> frozenset[str]:
     # one pattern per relation, longest names first, matched as whole words
     patterns = {rel: re.compile(r"(?<!\w)(?:" + "|".join(re.escape(x) for x in sorted(subs, key=len, reverse=True)) + r")(?!\w)")
                 for rel, subs in subjects.items()}
-    return frozenset(p for r in records if r.request.relation for p in r.neighborhood_prompts
-                     if patterns[r.request.relation].search(p))
+    return frozenset((r.case_id, p) for r in records if r.request.relation for p in r.neighborhood_prompts
+                     if any(m.group() != r.request.subject for m in patterns[r.request.relation].finditer(p)))
 
 
 def subject_probes(records: list[EditRecord], per_record: int = 3) -> dict:
@@ -228,7 +229,7 @@ def _split(flat: list, groups: list[list]) -> list[list]:
 
 
 def raw_scores(model, tok, records: list[EditRecord], opts: ScoreOptions | None = None, probes: dict | None = None,
-               skip_neighbours: frozenset[str] | None = None) -> RawScores:
+               skip_neighbours: frozenset | None = None) -> RawScores:
     """Score every prompt of ``records`` against both targets, in batches; with ``opts`` also generate, stress and
     measure perplexity (default: teacher-forced scores only). ``probes``: :func:`subject_probes` of the whole run,
     ``skip_neighbours``: its :func:`edited_neighbours` (default: both of ``records``)."""
@@ -239,7 +240,7 @@ def raw_scores(model, tok, records: list[EditRecord], opts: ScoreOptions | None 
     true = lambda r, ps: [(p, r.request.target_true or r.request.target_new) for p in ps]
     probes = probes if probes is not None else subject_probes(records)
     skip = skip_neighbours if skip_neighbours is not None else edited_neighbours(records)
-    neighbours = [[p for p in r.neighborhood_prompts if p not in skip] for r in records]
+    neighbours = [[p for p in r.neighborhood_prompts if (r.case_id, p) not in skip] for r in records]
     probe_prompts = [[p for p, _ in probes.get(r.case_id, ())] for r in records]
     kinds = {"request_new": [new(r, [r.request.text]) for r in records], "request_true": [true(r, [r.request.text]) for r in records],
              "para_new": [new(r, r.paraphrase_prompts) for r in records], "para_true": [true(r, r.paraphrase_prompts) for r in records],

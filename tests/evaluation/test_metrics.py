@@ -232,13 +232,17 @@ def test_neighbours_that_the_run_edits_are_left_out_of_every_neighbourhood_score
                    neighborhood_prompts=("Bob home", "New home", "x home")),
             record(request=EditRequest("{} house", "Bob", "Paris", "Rome", 2, relation="P1"), neighborhood_prompts=("Ada house",)),
             record(request=EditRequest("{} dwelling", "x", "Paris", "Rome", 3, relation="P2"), neighborhood_prompts=())]
-    assert edited_neighbours(recs) == {"Bob home", "Ada house"}
+    assert edited_neighbours(recs) == {(1, "Bob home"), (2, "Ada house")}
     m, tok = lm
     rs = raw_scores(m, tok, recs, ScoreOptions(fluency_prompts=0, generation=False, perplexity_texts=0, stress=True))
     assert [len(g.nll) for g in rs.neigh_new] == [2, 0, 0] and [len(g.nll) for g in rs.loc] == [2, 0, 0]
     assert [len(g.nll) for g in rs.plus_new] == [2, 0, 0]
     alone = raw_scores(m, tok, recs[:1], ScoreOptions(fluency_prompts=0, generation=False, perplexity_texts=0, stress=False))
     assert len(alone.neigh_new[0].nll) == 3  # alone, Ada's edit has all three neighbours
+    # a record's own subject is no other edited fact; and one record's edited neighbour is not dropped from another's
+    own = [record(request=EditRequest("{} home", "Ada", "a", "b", 1, relation="P1"), neighborhood_prompts=("Ada home", "Bob home")),
+           record(request=EditRequest("{} home", "Bob", "a", "b", 2, relation="P1"), neighborhood_prompts=("Bob home",))]
+    assert edited_neighbours(own) == {(1, "Bob home")}
     # whole names only: "Bobby" is not Bob
     assert edited_neighbours([record(request=EditRequest("{} home", "Ada", "a", "b", 1, relation="P1"), neighborhood_prompts=("Bobby home",)),
                               record(request=EditRequest("{} home", "Bob", "a", "b", 2, relation="P1"), neighborhood_prompts=())]) == frozenset()

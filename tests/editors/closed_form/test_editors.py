@@ -75,7 +75,10 @@ def test_rome_bare_key_moves_the_bare_prompt_key_as_the_averaged_one(bare_key, t
     delta = delta.double()
     assert torch.linalg.matrix_rank(delta, rtol=1e-4) == 1
     moved_avg, moved_bare = delta @ k_avg, delta @ k_bare
-    assert torch.allclose(moved_avg, moved_bare, rtol=1e-3, atol=1e-4) == bare_key
+    # with bare_key the bare key's change equals the averaged key's exactly (a constraint of the solve, ~1e-9
+    # relative); without it they differ (7e-4 relative on the tiny testbed: close, as the keys are, but not equal)
+    rel = ((moved_avg - moved_bare).norm() / moved_avg.norm()).item()
+    assert (rel < 1e-6) == bare_key
 
 
 def test_batched_targets_are_the_one_at_a_time_targets(tiny_testbed):
