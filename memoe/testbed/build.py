@@ -80,7 +80,8 @@ class TestbedConfig:
     trace_facts: int = field(default=40, metadata=bounds(1))
     """Facts averaged in the report card's causal trace."""
     bf16: bool = True
-    """Train under bfloat16 autocast (weights stay float32): about 1.5x faster on CPUs with AVX512-BF16."""
+    """Train under bfloat16 autocast (weights stay float32): about 1.5x faster on CPUs with AVX512-BF16, about 15x
+    slower on CPUs without AVX512 (the build warns). ``false`` builds a different testbed (another cache entry)."""
     threads: int = field(default=0, metadata=bounds(0))
     """torch threads while building (0: all cores). One process per core is fastest here."""
 
@@ -297,6 +298,10 @@ def build_testbed(config: TestbedConfig | None = None, cache_dir: str | os.PathL
         probe_texts = [p.prompt + " " + p.target for ps in corpus.probes().values() for p in ps]
         tok = train_tokenizer(corpus.sentences(random.Random(config.seed)) + probe_texts, config.vocab_size)
         model = make_model(config, len(tok))
+        if config.bf16 and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+            warnings.warn(f"testbed {config.short_name}: bfloat16 autocast on a CPU without AVX512 "
+                          f"({torch.backends.cpu.get_cpu_capability()}) is about 15x slower than float32; "
+                          "'bf16: false' builds faster (a different testbed)", stacklevel=2)
         losses = pretrain(model, tok, corpus, config, progress)
         build_seconds = time.time() - t0
         report = report_card(model, tok, corpus, config, progress)

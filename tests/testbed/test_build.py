@@ -39,6 +39,16 @@ def test_build_is_deterministic_under_seed(tmp_path):
     assert not all(torch.equal(sa[k], sc[k]) for k in sa if sa[k].shape == sc[k].shape)
 
 
+@pytest.mark.parametrize("capability, slow", [("AVX2", True), ("AVX512", False)])
+def test_bf16_build_warns_on_a_cpu_without_avx512(tmp_path, monkeypatch, recwarn, capability, slow):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    build_testbed(TestbedConfig(**MICRO), cache_dir=tmp_path / "a", progress=False, verbose=False)
+    build_testbed(TestbedConfig(**MICRO, bf16=False), cache_dir=tmp_path / "b", progress=False, verbose=False)
+    said = [str(w.message) for w in recwarn if "15x slower" in str(w.message)]
+    assert said == ([f"testbed {TestbedConfig(**MICRO).short_name}: bfloat16 autocast on a CPU without AVX512 ({capability}) "
+                     "is about 15x slower than float32; 'bf16: false' builds faster (a different testbed)"] if slow else [])
+
+
 def test_corrupt_cache_is_rebuilt_not_used(tmp_path):
     cfg = TestbedConfig(**MICRO)
     first = build_testbed(cfg, cache_dir=tmp_path, progress=False, verbose=False)
