@@ -174,13 +174,12 @@ def _joined(groups: list[PairScores]) -> PairScores:
     return PairScores(*[[x for g in groups for x in getattr(g, f)] for f in ("nll", "token_acc", "argmax", "first_prob")])
 
 
-def locality_pairs(rec: EditRecord, skip: frozenset = frozenset()) -> list[tuple[str, str]]:
-    """The prompts EasyEdit's locality is measured on: locality prompts, else neighbours (but those in ``skip``, see
-    :func:`edited_neighbours`) with the old target."""
+def locality_pairs(rec: EditRecord, neighbours: list[str]) -> list[tuple[str, str]]:
+    """The prompts EasyEdit's locality is measured on: locality prompts, else ``neighbours`` (the record's neighbours
+    but the :func:`edited_neighbours`) with the old target."""
     if rec.locality_prompts:
         return [(p.prompt, p.target) for p in rec.locality_prompts]
-    return [(p, rec.request.target_true) for p in rec.neighborhood_prompts
-            if rec.request.target_true and (rec.case_id, p) not in skip]
+    return [(p, rec.request.target_true) for p in neighbours if rec.request.target_true]
 
 
 def edited_neighbours(records: list[EditRecord]) -> frozenset[tuple[object, str]]:
@@ -246,7 +245,7 @@ def raw_scores(model, tok, records: list[EditRecord], opts: ScoreOptions | None 
              "para_new": [new(r, r.paraphrase_prompts) for r in records], "para_true": [true(r, r.paraphrase_prompts) for r in records],
              "neigh_new": [new(r, ps) for r, ps in zip(records, neighbours)],
              "neigh_true": [true(r, ps) for r, ps in zip(records, neighbours)],
-             "loc": [locality_pairs(r, skip) for r in records],
+             "loc": [locality_pairs(r, ps) for r, ps in zip(records, neighbours)],
              "same": [[(p, t) for p, t in probes.get(r.case_id, ()) if t is not None] for r in records]}
     if opts.stress:
         plus = [[f"{r.request.text} {r.request.target_new}. {p}" for p in ps] for r, ps in zip(records, neighbours)]

@@ -298,9 +298,10 @@ def build_testbed(config: TestbedConfig | None = None, cache_dir: str | os.PathL
         probe_texts = [p.prompt + " " + p.target for ps in corpus.probes().values() for p in ps]
         tok = train_tokenizer(corpus.sentences(random.Random(config.seed)) + probe_texts, config.vocab_size)
         model = make_model(config, len(tok))
-        if config.bf16 and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-            warnings.warn(f"testbed {config.short_name}: bfloat16 autocast on a CPU without AVX512 "
-                          f"({torch.backends.cpu.get_cpu_capability()}) is about 15x slower than float32; "
+        cpu = torch.backends.cpu.get_cpu_capability()
+        if config.bf16 and not cpu.startswith("AVX512"):
+            warnings.warn(f"testbed {config.short_name}: bfloat16 autocast on a CPU without AVX512 ({cpu}) "
+                          "is about 15x slower than float32; "
                           "'bf16: false' builds faster (a different testbed)", stacklevel=2)
         losses = pretrain(model, tok, corpus, config, progress)
         build_seconds = time.time() - t0

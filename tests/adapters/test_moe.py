@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from memoe.adapters import AdapterError, MEMoEAdapter, MEMoEConfig, attached, detach
+from memoe.adapters.bypass import RoutingContext
 from memoe.editors import attach, load_adapter
 from memoe.models.mini import llama3_mini_config
 
@@ -25,6 +26,13 @@ def randomise(adapter, seed=0):
     with torch.no_grad():
         for p in adapter.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def anchored(anchor_pos, anchor_id):
+    """A routing context by hand: each token's anchor position and id (B, T), every token in scope."""
+    ctx = RoutingContext()
+    ctx.anchor_pos, ctx.anchor_id, ctx.mask = anchor_pos, anchor_id, torch.ones(anchor_id.shape, dtype=torch.bool)
+    return ctx
 
 
 def make(model, tok, subjects, **cfg):
@@ -294,7 +302,6 @@ def test_an_ner_detector_plugs_in_beside_the_trie(base, tiny_testbed):
 def test_relation_gate_opens_only_where_the_token_asks_the_stored_question():
     """Hand-built: anchor 0's stored key is e0, anchor 1's is e1. The same anchor under two questions (e0, e1) gets two
     gates, open and shut; a token with no anchor, or whose anchor has no key, gets exactly the base output."""
-    from memoe.adapters.bypass import RoutingContext
     from memoe.adapters.moe import MoELayer
 
     H = 8
@@ -307,10 +314,8 @@ def test_relation_gate_opens_only_where_the_token_asks_the_stored_question():
     layer.claim_keys([0, 1], torch.stack([eye[0], eye[1]]))
     assert layer.key_owner.tolist() == [0, 1, -1, -1]
     x = torch.stack([eye[0], 3 * eye[0] + 0.1 * eye[5], eye[1], eye[1], eye[0]])[None]  # (1, 5, H)
-    ctx = RoutingContext()
-    ctx.anchor_pos = torch.tensor([[-1, 0, 0, 0, 0]])
-    ctx.anchor_id = torch.tensor([[-1, 0, 0, 1, 2]])  # no anchor; anchor 0 asked e0 (scaled), e1; anchor 1 asked e1; 2: no key
-    ctx.mask = torch.ones(1, 5, dtype=torch.bool)
+    # no anchor; anchor 0 asked e0 (scaled), e1; anchor 1 asked e1; 2: no key
+    ctx = anchored(torch.tensor([[-1, 0, 0, 0, 0]]), torch.tensor([[-1, 0, 0, 1, 2]]))
     out = torch.zeros(1, 5, H)
     y = layer(x, out, ctx)
     rho = layer.relation_gate[0]
@@ -331,7 +336,6 @@ def test_negative_keys_shut_the_gate_on_a_question_closer_to_another_relation_of
     """Hand-built: anchor 0's edit asked e0; its question e1 is stored as a negative. A token between the two, nearer
     e0, passes; the same token nearer e1 is shut, although it passes the threshold alone; anchor 1, with no
     negatives, keeps the threshold gate; and a negative key needs the option."""
-    from memoe.adapters.bypass import RoutingContext
     from memoe.adapters.moe import MoELayer
 
     H = 8
@@ -346,10 +350,7 @@ def test_negative_keys_shut_the_gate_on_a_question_closer_to_another_relation_of
     assert layer.key_negative.tolist() == [False, False, True, False]
     near_e0, near_e1 = eye[0] + 0.6 * eye[1], 0.7 * eye[0] + eye[1]  # both well past e0's threshold (cosine 0.86, 0.57)
     x = torch.stack([near_e0, near_e1, near_e1])[None]  # (1, 3, H)
-    ctx = RoutingContext()
-    ctx.anchor_pos = torch.zeros(1, 3, dtype=torch.long)
-    ctx.anchor_id = torch.tensor([[0, 0, 1]])
-    ctx.mask = torch.ones(1, 3, dtype=torch.bool)
+    ctx = anchored(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[0, 0, 1]]))
     layer(x, torch.zeros(1, 3, H), ctx)
     rho = layer.relation_gate[0]
     assert rho[0] > 0.95  # nearer the edit's question
@@ -361,7 +362,6 @@ def test_negative_keys_shut_the_gate_on_a_question_closer_to_another_relation_of
 
 def test_a_gate_below_the_cut_is_shut_exactly():
     """relation_gate_cut: a token whose ρ is under the cut gets exactly the base output; one above keeps its ρ."""
-    from memoe.adapters.bypass import RoutingContext
     from memoe.adapters.moe import MoELayer
 
     H = 8
@@ -373,10 +373,7 @@ def test_a_gate_below_the_cut_is_shut_exactly():
     eye = torch.eye(H)
     layer.claim_keys([0], eye[0][None])
     x = torch.stack([eye[0], eye[0] + 1.2 * eye[1]])[None]  # cosines 1.0 (ρ ≈ 1) and 0.64 (ρ ≈ 0.94)
-    ctx = RoutingContext()
-    ctx.anchor_pos = torch.zeros(1, 2, dtype=torch.long)
-    ctx.anchor_id = torch.zeros(1, 2, dtype=torch.long)
-    ctx.mask = torch.ones(1, 2, dtype=torch.bool)
+    ctx = anchored(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long))
     out = torch.zeros(1, 2, H)
     open_ = layer(x, out, ctx)
     with torch.no_grad():
